@@ -1,0 +1,97 @@
+"""Data-independent feature maps, applied once per dataset before training.
+
+A feature map is a fixed function of one example (a wavelet scattering transform, a
+random projection with a fixed seed, downsampled pixels): it reads nothing from the
+private data, so it costs no privacy. Anything *fitted* on private data is not a
+feature map in this sense and needs its own DP budget.
+
+Builders register with :func:`register_feature_map`; :func:`apply_feature_map` is the
+only door, and caches the transformed tensors on disk keyed by the map's settings and
+a fingerprint of the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+
+from dp_sweeps.data import ImageData
+
+log = logging.getLogger(__name__)
+
+# A feature map: (images N x C x H x W, **settings) -> features N x ... (float32).
+FeatureMap = Callable[..., torch.Tensor]
+_FEATURE_MAPS: Dict[str, FeatureMap] = {}
+
+
+def register_feature_map(name: str) -> Callable[[FeatureMap], FeatureMap]:
+    def decorator(fn: FeatureMap) -> FeatureMap:
+        if name in _FEATURE_MAPS:
+            raise ValueError(f"feature map {name!r} is registered twice")
+        _FEATURE_MAPS[name] = fn
+        return fn
+    return decorator
+
+
+def list_feature_maps() -> list[str]:
+    _import_builtin_maps()
+    return sorted(_FEATURE_MAPS)
+
+
+def _import_builtin_maps() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def _fingerprint(x: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def compute_features(name: str, x: torch.Tensor, settings: Mapping, *, cache_dir: Optional[str | os.PathLike] = None,
+                     batch_size: int = 1024) -> torch.Tensor:
+    """Apply feature map ``name`` to ``x`` in batches, reading/writing the on-disk cache."""
+    _import_builtin_maps()
+    if name not in _FEATURE_MAPS:
+        from dp_sweeps.errors import ConfigError
+        raise ConfigError(f"model.features.name={name!r} is not one of: {', '.join(sorted(_FEATURE_MAPS))}")
+    fn = _FEATURE_MAPS[name]
+    path = None
+    if cache_dir is not None and len(x) > 0:
+        key = hashlib.sha256(json.dumps({"name": name, "settings": dict(settings), "input": _fingerprint(x)},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"{name}-{key}.pt"
+        if path.is_file():
+            log.info("feature map %s: cached %s", name, path)
+            return torch.load(path, weights_only=True)
+    outs = [fn(x[i:i + batch_size], **settings) for i in range(0, len(x), batch_size)]
+    out = torch.cat(outs) if outs else fn(x[:0], **settings)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        os.replace(tmp, path)
+    return out
+
+
+def apply_feature_map(data: ImageData, spec: Optional[Mapping], *, cache_dir: Optional[str | os.PathLike] = None) -> ImageData:
+    """``data`` with every split's inputs replaced by features (``spec`` = {name, **settings})."""
+    if not spec:
+        return data
+    spec = dict(spec)
+    name = spec.pop("name")
+    return ImageData(train_x=compute_features(name, data.train_x, spec, cache_dir=cache_dir), train_y=data.train_y,
+                     val_x=compute_features(name, data.val_x, spec, cache_dir=cache_dir), val_y=data.val_y,
+                     test_x=compute_features(name, data.test_x, spec, cache_dir=cache_dir), test_y=data.test_y,
+                     num_classes=data.num_classes)

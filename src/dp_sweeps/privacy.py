@@ -1,0 +1,145 @@
+"""The privacy mechanism in one place: calibrating σ, accounting ε, and turning a
+model/optimizer/loader into their DP-SGD counterparts with Opacus.
+
+Guarantee: with ``poisson_sampling=True``, training with :func:`make_private` is
+(ε, δ)-DP with respect to adding or removing one training example, where ε is what
+the configured Opacus accountant (PRV by default) computes for the noise multiplier
+σ, the sampling rate q and the number of steps actually taken. Per-example gradients
+are clipped to ``max_grad_norm`` in L2 (over all parameters together), summed, and
+Gaussian noise of standard deviation ``σ · max_grad_norm`` is added once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from dp_sweeps.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a run will spend, decided before training.
+
+    ``sample_rate`` and ``steps`` follow Opacus's Poisson loader: q = 1 / ceil(N / B)
+    and ceil(N / B) steps per epoch, so the expected batch is about B.
+    """
+
+    private: bool
+    accountant: str
+    delta: Optional[float]
+    max_grad_norm: Optional[float]
+    noise_multiplier: Optional[float]
+    sample_rate: float
+    steps_per_epoch: int
+    steps: int
+    target_epsilon: Optional[float]
+    planned_epsilon: Optional[float]
+    poisson_sampling: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    return math.ceil(num_train / batch_size)
+
+
+def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                accountant: str = "prv") -> float:
+    """ε after ``steps`` Poisson-sampled Gaussian steps, from an Opacus accountant."""
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" hint
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                               accountant: str = "prv") -> float:
+    """The smallest σ (to Opacus's tolerance of 0.01 in ε) whose ε after ``steps`` is ≤ the target."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+def plan_privacy(privacy_cfg, *, num_train: int, batch_size: int, epochs: int) -> PrivacyPlan:
+    """Decide σ (calibrated to ``privacy.epsilon``, or the given ``privacy.noise_multiplier``)
+    and the ε the accountant predicts for the whole run."""
+    per_epoch = steps_per_epoch(num_train, batch_size)
+    sample_rate = 1.0 / per_epoch
+    steps = per_epoch * epochs
+    if not privacy_cfg.enabled:
+        return PrivacyPlan(private=False, accountant="none", delta=None, max_grad_norm=None,
+                           noise_multiplier=None, sample_rate=sample_rate, steps_per_epoch=per_epoch,
+                           steps=steps, target_epsilon=None, planned_epsilon=None, poisson_sampling=False)
+    delta, accountant = float(privacy_cfg.delta), str(privacy_cfg.accountant)
+    if privacy_cfg.noise_multiplier is None:
+        target = float(privacy_cfg.epsilon)
+        sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=sample_rate,
+                                           steps=steps, accountant=accountant)
+    else:
+        target, sigma = None, float(privacy_cfg.noise_multiplier)
+    planned = epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                          accountant=accountant)
+    if not math.isfinite(planned):
+        raise ConfigError(f"privacy.noise_multiplier={sigma:g} gives ε={planned} under {accountant}: "
+                          f"too little noise for this run")
+    return PrivacyPlan(private=True, accountant=accountant, delta=delta,
+                       max_grad_norm=float(privacy_cfg.max_grad_norm), noise_multiplier=sigma,
+                       sample_rate=sample_rate, steps_per_epoch=per_epoch, steps=steps,
+                       target_epsilon=target, planned_epsilon=planned,
+                       poisson_sampling=bool(privacy_cfg.poisson_sampling))
+
+
+def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
+    """``auto`` picks the per-example gradient engine for a model. Every engine computes
+    the same clipped gradient (tested); they differ only in speed and memory."""
+    if mode != "auto":
+        return mode
+    return AUTO_GRAD_SAMPLE_MODE.get(model_name, "hooks")
+
+
+# Fastest correct engine per model, from `make bench` (see README, "Speed").
+AUTO_GRAD_SAMPLE_MODE: dict[str, str] = {}
+
+
+def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 data_loader: torch.utils.data.DataLoader, criterion: torch.nn.Module,
+                 grad_sample_mode: str, noise_generator: Optional[torch.Generator],
+                 secure_mode: bool = False):
+    """Wrap the training objects with Opacus. Returns (engine, module, optimizer, criterion, loader).
+
+    The loader must have ``ceil(N / B)`` batches so that Opacus's sampling rate is the
+    plan's; this is checked, since ε depends on it.
+    """
+    engine = PrivacyEngine(accountant=plan.accountant, secure_mode=secure_mode)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        wrapped = engine.make_private(
+            module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=plan.poisson_sampling, grad_sample_mode=grad_sample_mode,
+            noise_generator=None if secure_mode else noise_generator)
+    if grad_sample_mode == "ghost":
+        module, optimizer, criterion, loader = wrapped
+    else:
+        module, optimizer, loader = wrapped
+    sample_rate = 1.0 / len(loader)
+    if not math.isclose(sample_rate, plan.sample_rate, rel_tol=1e-12):
+        raise RuntimeError(f"Opacus samples at q={sample_rate}, the plan at q={plan.sample_rate}")
+    return engine, module, optimizer, criterion, loader

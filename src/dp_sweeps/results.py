@@ -1,0 +1,79 @@
+"""One place that writes a run's records: ``metrics.csv`` (one row per epoch) and
+``result.json`` (written once, atomically, when the run ends or is planned), so a
+report never reads a half-written result."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.csv"
+METRIC_FIELDS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                 "test_loss", "test_accuracy", "epsilon", "seconds")
+
+# Statuses a result.json can carry. Only "completed" is a finished, reportable run.
+STATUSES = ("completed", "diverged", "planned", "failed")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
+    """Write then rename: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_json_safe(dict(payload)), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_result(run_dir: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    if result.get("status") not in STATUSES:
+        raise ValueError(f"unknown status {result.get('status')!r}")
+    path = Path(run_dir) / RESULT_FILE
+    write_json_atomic(path, result)
+    return path
+
+
+def read_result(run_dir: str | os.PathLike) -> dict:
+    with open(Path(run_dir) / RESULT_FILE) as fh:
+        return json.load(fh)
+
+
+class MetricsLog:
+    """Appends one row per epoch to ``metrics.csv`` (flushed, so a crash keeps the rows)."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, append: bool = False) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not (append and self.path.exists())
+        self._fh = open(self.path, "w" if fresh else "a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        if fresh:
+            self._writer.writeheader()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._writer.writerow({k: row.get(k) for k in METRIC_FIELDS})
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()

@@ -1,0 +1,198 @@
+"""The task: compose -> validate -> load data -> plan privacy -> train -> record.
+
+:func:`train` is what the entrypoint, sweeps, benchmarks and the paper targets call;
+it returns the run's ``result.json`` content. :func:`task` wraps it for Hydra: bad
+input becomes one line and a non-zero exit, and the sweeper gets the named metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dp_sweeps.data import load_cifar10
+from dp_sweeps.errors import ConfigError
+from dp_sweeps.features import apply_feature_map
+from dp_sweeps.models import create_model
+from dp_sweeps.privacy import plan_privacy, resolve_grad_sample_mode
+from dp_sweeps.results import MetricsLog, write_result
+from dp_sweeps.training import fit, resolve_device
+from dp_sweeps.validation import validate_against_data, validate_config
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(data_cfg: DictConfig):
+    return load_cifar10(root=data_cfg.root, download=data_cfg.download,
+                        verify_checksums=data_cfg.verify_checksums, train_subset=data_cfg.train_subset,
+                        test_subset=data_cfg.test_subset, val_size=data_cfg.val_size,
+                        split_seed=data_cfg.split_seed)
+
+
+def build_model(model_cfg: DictConfig, *, num_classes: int) -> torch.nn.Module:
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    name = kwargs.pop("name")
+    for key in ("family", "features"):  # read by train(), not by the builder
+        kwargs.pop(key, None)
+    try:
+        return create_model(name, num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.name={name!r}: {err}") from err
+
+
+def build_optimizer(optimizer_cfg: DictConfig, params) -> torch.optim.Optimizer:
+    """Instantiate the ``optimizer/`` config; only ``torch.optim`` classes may be named."""
+    try:
+        factory = instantiate(optimizer_cfg, _execution_whitelist_=["torch.optim.*"])
+        return factory(params)
+    except Exception as err:  # an unknown class or keyword
+        raise ConfigError(f"optimizer {optimizer_cfg.get('_target_')!r}: {str(err).splitlines()[0]}") from err
+
+
+def _choice(group: str) -> Optional[str]:
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # composed outside a Hydra run (tests, notebooks)
+        return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Run one job described by ``cfg`` into ``output_dir``; returns its result record."""
+    wall_start = time.perf_counter()
+    output_dir = Path(output_dir)
+    validate_config(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    data = load_data(cfg.data)
+    validate_against_data(cfg, num_train=data.num_train)
+    # A fixed, data-independent feature map (model.features): no privacy cost; cached.
+    features = cfg.model.get("features")
+    if features:
+        data = apply_feature_map(data, OmegaConf.to_container(features, resolve=True),
+                                 cache_dir=cfg.data.get("feature_cache"))
+    if cfg.model.get("family", "deep") == "classical":
+        # SVM, KNN, Naive Bayes: their own DP mechanisms (dp_sweeps.classical), same record.
+        from dp_sweeps.classical import run_classical
+
+        result = run_classical(cfg, data=data, device=device, output_dir=output_dir)
+        result.setdefault("wall_seconds", time.perf_counter() - wall_start)
+        write_result(output_dir, result)
+        return result
+    plan = plan_privacy(cfg.privacy, num_train=data.num_train, batch_size=cfg.trainer.batch_size,
+                        epochs=cfg.trainer.epochs)
+    model = build_model(cfg.model, num_classes=data.num_classes)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    grad_sample_mode = resolve_grad_sample_mode(cfg.privacy.grad_sample_mode, cfg.model.name) if plan.private else None
+    result: dict[str, Any] = {
+        "model": cfg.model.name, "optimizer": _choice("optimizer") or cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
+        "lr": cfg.optimizer.get("lr"), "private": plan.private, "accountant": plan.accountant,
+        "target_epsilon": plan.target_epsilon, "planned_epsilon": plan.planned_epsilon, "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
+        "sample_rate": plan.sample_rate, "poisson_sampling": plan.poisson_sampling,
+        "epsilon_valid": plan.private and plan.poisson_sampling,
+        "batch_size": cfg.trainer.batch_size, "physical_batch_size": cfg.trainer.physical_batch_size,
+        "epochs": cfg.trainer.epochs, "planned_steps": plan.steps, "seed": cfg.seed,
+        "grad_sample_mode": grad_sample_mode, "num_train": data.num_train, "num_val": len(data.val_y),
+        "num_test": len(data.test_y), "device": str(device), "host": platform.node(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch_version": torch.__version__,
+    }
+    if plan.private and not plan.poisson_sampling:
+        log.warning("privacy.poisson_sampling=false: the reported ε assumes Poisson sampling and is "
+                    "NOT a valid guarantee for shuffled fixed-size batches (epsilon_valid=false)")
+    if cfg.dry_run:
+        result.update(status="planned", epsilon=plan.planned_epsilon, steps=0,
+                      wall_seconds=time.perf_counter() - wall_start)
+        write_result(output_dir, result)
+        log.info("dry run: σ=%s, planned ε=%s over %d steps", plan.noise_multiplier, plan.planned_epsilon, plan.steps)
+        return result
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    metrics = MetricsLog(output_dir)
+    try:
+        outcome = fit(model=model, optimizer=optimizer, data=data.to(device), plan=plan,
+                      epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
+                      physical_batch_size=cfg.trainer.physical_batch_size, device=device, seed=cfg.seed,
+                      grad_sample_mode=grad_sample_mode or "hooks", augment=cfg.data.augment,
+                      secure_mode=bool(cfg.privacy.get("secure_mode", False)),
+                      eval_batch_size=cfg.trainer.eval_batch_size, metrics=metrics,
+                      progress=cfg.trainer.progress)
+    finally:
+        metrics.close()
+    last = outcome.last
+    result.update(
+        status=outcome.status, epsilon=outcome.epsilon, steps=outcome.steps,
+        test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"),
+        val_accuracy=last.get("val_accuracy"), val_loss=last.get("val_loss"),
+        train_accuracy=last.get("train_accuracy"), train_loss=last.get("train_loss"),
+        epochs_completed=len(outcome.history),
+        train_samples_per_second=outcome.samples_seen / outcome.train_seconds if outcome.train_seconds else None,
+        train_seconds=outcome.train_seconds, peak_memory_mb=peak_memory_mb(device),
+        wall_seconds=time.perf_counter() - wall_start)
+    write_result(output_dir, result)
+    return result
+
+
+def objective(result: dict[str, Any], optimized_metric: Any) -> Any:
+    """The value(s) a sweeper optimises: ``optimized_metric`` names one result key or a list."""
+    def value(key: str) -> float:
+        v = result.get(key)
+        return float(v) if isinstance(v, (int, float)) and result.get("status") == "completed" else math.nan
+    if optimized_metric is None:
+        return value("test_accuracy")
+    if isinstance(optimized_metric, str):
+        return value(optimized_metric)
+    return tuple(value(k) for k in optimized_metric)
+
+
+def task(cfg: DictConfig) -> Any:
+    """The Hydra task function."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    metric = cfg.get("optimized_metric")
+    try:
+        result = train(cfg, output_dir)
+    except ConfigError as err:
+        log.error("%s", err)
+        if not multirun:
+            raise SystemExit(f"dp_sweeps: error: {err}") from None
+        write_result(output_dir, {"status": "failed", "error": str(err), "model": cfg.model.name})
+        return objective({"status": "failed"}, metric)
+    except Exception as err:
+        log.exception("run failed")
+        write_result(output_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                  "model": cfg.model.name})
+        if not multirun:
+            raise
+        return objective({"status": "failed"}, metric)
+    return objective(result, metric)
