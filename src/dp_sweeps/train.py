@@ -28,7 +28,9 @@ from dp_sweeps.features import apply_feature_map
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import plan_privacy, resolve_grad_sample_mode
 from dp_sweeps.results import MetricsLog, write_result
-from dp_sweeps.training import fit, resolve_device
+from dp_sweeps import checkpoint as ckpt
+from dp_sweeps.results import read_result
+from dp_sweeps.training import LoopSettings, configure_backend, fit, resolve_device
 from dp_sweeps.validation import validate_against_data, validate_config
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def loop_settings(cfg: DictConfig, *, grad_sample_mode: str) -> LoopSettings:
+    trainer = cfg.trainer
+    return LoopSettings(
+        epochs=trainer.epochs, batch_size=trainer.batch_size, physical_batch_size=trainer.physical_batch_size,
+        seed=cfg.seed, grad_sample_mode=grad_sample_mode, augment=cfg.data.augment,
+        augmult=trainer.get("augmult", 1), ema_decay=trainer.get("ema_decay"),
+        secure_mode=bool(cfg.privacy.get("secure_mode", False)), eval_batch_size=trainer.eval_batch_size,
+        progress=trainer.progress, checkpoint_every=trainer.get("checkpoint_every") or 0,
+        resume=bool(trainer.get("resume", False)), channels_last=bool(trainer.get("channels_last", False)))
+
+
 def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Run one job described by ``cfg`` into ``output_dir``; returns its result record."""
     wall_start = time.perf_counter()
     output_dir = Path(output_dir)
     validate_config(cfg)
+    if cfg.trainer.get("resume") and (output_dir / "result.json").is_file():
+        previous = read_result(output_dir)
+        if previous.get("status") in ("completed", "diverged"):
+            log.info("trainer.resume=true: %s already finished (%s); not run again", output_dir, previous["status"])
+            return previous
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     data = load_data(cfg.data)
@@ -137,15 +155,13 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         return result
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    metrics = MetricsLog(output_dir)
+    configure_backend(device, tf32=cfg.trainer.get("tf32", True))
+    settings = loop_settings(cfg, grad_sample_mode=grad_sample_mode or "hooks")
+    identity = {key: result.get(key) for key in ckpt.PRIVACY_KEYS}
+    metrics = MetricsLog(output_dir, append=settings.resume and ckpt.checkpoint_path(output_dir).is_file())
     try:
-        outcome = fit(model=model, optimizer=optimizer, data=data.to(device), plan=plan,
-                      epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
-                      physical_batch_size=cfg.trainer.physical_batch_size, device=device, seed=cfg.seed,
-                      grad_sample_mode=grad_sample_mode or "hooks", augment=cfg.data.augment,
-                      secure_mode=bool(cfg.privacy.get("secure_mode", False)),
-                      eval_batch_size=cfg.trainer.eval_batch_size, metrics=metrics,
-                      progress=cfg.trainer.progress)
+        outcome = fit(model=model, optimizer=optimizer, data=data.to(device), plan=plan, settings=settings,
+                      device=device, metrics=metrics, run_dir=output_dir, run_identity=identity)
     finally:
         metrics.close()
     last = outcome.last
@@ -154,7 +170,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"),
         val_accuracy=last.get("val_accuracy"), val_loss=last.get("val_loss"),
         train_accuracy=last.get("train_accuracy"), train_loss=last.get("train_loss"),
-        epochs_completed=len(outcome.history),
+        epochs_completed=len(outcome.history), resumed_from_epoch=outcome.resumed_from_epoch or None,
         train_samples_per_second=outcome.samples_seen / outcome.train_seconds if outcome.train_seconds else None,
         train_seconds=outcome.train_seconds, peak_memory_mb=peak_memory_mb(device),
         wall_seconds=time.perf_counter() - wall_start)

@@ -2,29 +2,56 @@
 
 Data stay as tensors on the training device; a loader over example *indices* drives
 sampling (Opacus's Poisson sampler when private, shuffled batches otherwise), and
-Opacus's BatchMemoryManager splits large logical batches into physical ones.
+Opacus's BatchMemoryManager splits large logical batches into physical ones. The loop
+also does augmentation multiplicity, parameter EMA and checkpoint/resume, each of
+which leaves the DP mechanism unchanged (see the docstrings).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from dp_sweeps import checkpoint as ckpt
 from dp_sweeps.data import ImageData, random_crop_flip
+from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
 from dp_sweeps.results import MetricsLog
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The ``trainer.*`` settings the loop reads (see conf/trainer/default.yaml)."""
+
+    epochs: int
+    batch_size: int
+    physical_batch_size: Optional[int] = None
+    seed: int = 0
+    grad_sample_mode: str = "hooks"
+    augment: bool = False
+    augmult: int = 1
+    ema_decay: Optional[float] = None
+    secure_mode: bool = False
+    eval_batch_size: int = 1024
+    progress: bool = True
+    checkpoint_every: int = 0
+    resume: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -35,6 +62,7 @@ class TrainingOutcome:
     samples_seen: int = 0
     train_seconds: float = 0.0
     epsilon: Optional[float] = None
+    resumed_from_epoch: int = 0
 
     @property
     def last(self) -> dict:
@@ -47,8 +75,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_backend(device: torch.device, *, tf32: bool = True) -> None:
+    """TF32 matmuls/convolutions on CUDA (Ampere and newer): faster, and DP noise dwarfs
+    its rounding. No effect on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on (x, y); (nan, nan) if empty."""
     if len(y) == 0:
         return math.nan, math.nan
@@ -56,7 +94,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start:start + batch_size])
+        logits = model(x[start:start + batch_size].contiguous(memory_format=memory_format))
         target = y[start:start + batch_size]
         loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
@@ -89,46 +127,99 @@ def _physical_batches(loader: DataLoader, *, cap: int, private: bool,
             yield chunk, len(chunk) / len(idx), k == len(chunks) - 1
 
 
+def average_augmented_copies(module: nn.Module, copies: int) -> None:
+    """Augmentation multiplicity (De et al. 2022): each example enters the batch as
+    ``copies`` augmented views; average their per-example gradients *before* clipping,
+    so each example still contributes one gradient of norm ≤ C (sensitivity unchanged)."""
+    for p in module.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            p.grad_sample = grad_sample.view(-1, copies, *grad_sample.shape[1:]).mean(1)
+
+
+def _ema_with_warmup(decay: float):
+    """EMA update with De et al.'s warm-up, decay_t = min(decay, (1 + t) / (10 + t))."""
+    def update(ema_params, params, num_averaged):
+        t = int(num_averaged)
+        d = min(decay, (1 + t) / (10 + t))
+        torch._foreach_lerp_(list(ema_params), list(params), 1.0 - d)
+    return update
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_module", model)
+
+
 def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, plan: PrivacyPlan,
-        epochs: int, batch_size: int, physical_batch_size: Optional[int], device: torch.device,
-        seed: int, grad_sample_mode: str = "hooks", augment: bool = False, secure_mode: bool = False,
-        eval_batch_size: int = 1024, metrics: Optional[MetricsLog] = None,
-        progress: bool = True) -> TrainingOutcome:
-    """Train ``model`` for ``epochs`` and evaluate after each one.
+        settings: LoopSettings, device: torch.device, criterion: Optional[nn.Module] = None,
+        metrics: Optional[MetricsLog] = None, run_dir: Optional[str | os.PathLike] = None,
+        run_identity: Optional[Mapping[str, Any]] = None) -> TrainingOutcome:
+    """Train ``model`` for ``settings.epochs`` and evaluate after each epoch.
 
     With ``plan.private`` the run is DP-SGD as :mod:`dp_sweeps.privacy` states; ε after
     each epoch is the accountant's, for the steps actually taken. A non-finite loss
-    stops the run with status ``diverged``.
+    stops the run with status ``diverged``. Evaluation uses the EMA weights when
+    ``ema_decay`` is set (post-processing of the private iterates: no privacy cost).
     """
-    model.to(device).train()
+    if settings.augmult > 1 and plan.private and settings.grad_sample_mode == "ghost":
+        raise ConfigError("trainer.augmult>1 needs per-example gradients: use privacy.grad_sample_mode "
+                          "hooks, functorch or ew, not 'ghost'")
     # Opacus's hooks fire on the first layer although its input needs no gradient: harmless.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    sampler_generator = torch.Generator().manual_seed(seed + 1)
-    noise_generator = torch.Generator(device=device).manual_seed(seed + 2)
-    augment_generator = torch.Generator(device=device).manual_seed(seed + 3)
-    loader = _index_loader(data.num_train, batch_size, sampler_generator)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format).train()
+    generators = {"sampler": torch.Generator().manual_seed(settings.seed + 1),
+                  "noise": torch.Generator(device=device).manual_seed(settings.seed + 2),
+                  "augment": torch.Generator(device=device).manual_seed(settings.seed + 3)}
+    loader = _index_loader(data.num_train, settings.batch_size, generators["sampler"])
+    criterion = criterion or nn.CrossEntropyLoss()
+    # The EMA copy is taken before Opacus attaches its hooks, so it carries none.
+    ema = None
+    if settings.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(settings.ema_decay), use_buffers=True)
     engine = None
     if plan.private:
         engine, model, optimizer, criterion, loader = make_private(
             plan=plan, module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-            grad_sample_mode=grad_sample_mode, noise_generator=noise_generator, secure_mode=secure_mode)
-    cap = physical_batch_size or batch_size
+            grad_sample_mode=settings.grad_sample_mode, noise_generator=generators["noise"],
+            secure_mode=settings.secure_mode)
     outcome = TrainingOutcome(status="completed")
-    started = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    identity = dict(run_identity or {})
+    base_optimizer = getattr(optimizer, "original_optimizer", optimizer)
+    start_epoch = 1
+    saved = ckpt.maybe_load(run_dir, resume=settings.resume)
+    if saved is not None:
+        path = ckpt.checkpoint_path(run_dir)
+        ckpt.check_privacy_settings(saved["identity"], identity, path=path)
+        _unwrapped(model).load_state_dict(saved["model"])
+        base_optimizer.load_state_dict(saved["optimizer"])
+        if engine is not None:
+            engine.accountant.load_state_dict(saved["accountant"])
+        if ema is not None and "ema" in saved:
+            ema.load_state_dict(saved["ema"])
+        ckpt.restore_generator_states(saved["rng"], generators)
+        outcome.history = list(saved["history"])
+        outcome.steps, outcome.samples_seen = int(saved["steps"]), int(saved["samples_seen"])
+        outcome.train_seconds, outcome.epsilon = float(saved["train_seconds"]), saved.get("epsilon")
+        start_epoch = outcome.resumed_from_epoch = int(saved["epoch"]) + 1
+        log.info("resumed from %s after epoch %d (%d steps)", path, saved["epoch"], outcome.steps)
+    cap = settings.physical_batch_size or settings.batch_size
+    copies = settings.augmult
+    eval_model = ema.module if ema is not None else model
+    for epoch in range(start_epoch, settings.epochs + 1):
         epoch_start = time.perf_counter()
-        loss_sum, correct, seen, steps_before = 0.0, 0, 0, outcome.steps
-        bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
-                   disable=not progress, unit="step")
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch}/{settings.epochs}", leave=False,
+                   disable=not settings.progress, unit="step")
         diverged = False
-        for idx, weight, take_step in _physical_batches(loader, cap=cap, private=plan.private,
-                                                        optimizer=optimizer):
+        for idx, weight, take_step in _physical_batches(loader, cap=cap, private=plan.private, optimizer=optimizer):
             idx = idx.to(device, non_blocking=True)
             x, y = data.train_x[idx], data.train_y[idx]
-            if augment:
-                x = random_crop_flip(x, generator=augment_generator)
-            logits = model(x)
+            if copies > 1:
+                x, y = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
+            if settings.augment:
+                x = random_crop_flip(x, generator=generators["augment"])
+            logits = model(x.contiguous(memory_format=memory_format))
             loss = criterion(logits, y)
             # An empty Poisson batch still takes a (pure-noise) step: skipping it would
             # reveal that the batch was empty. Its loss is nan by definition; not divergence.
@@ -140,35 +231,46 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
             (loss * weight).backward()
+            if copies > 1 and plan.private:
+                average_augmented_copies(model, copies)
             if take_step:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if plan.private and getattr(optimizer, "_is_last_step_skipped", False):
                     continue
                 outcome.steps += 1
+                if ema is not None:
+                    ema.update_parameters(_unwrapped(model))
                 bar.update(1)
         bar.close()
         outcome.train_seconds += time.perf_counter() - epoch_start
-        outcome.samples_seen += seen
+        outcome.samples_seen += seen // copies
         if engine is not None:
             outcome.steps = sum(n for _, _, n in engine.accountant.history)
             outcome.epsilon = float(engine.get_epsilon(plan.delta))
-        row = {"epoch": epoch, "step": outcome.steps,
-               "train_loss": loss_sum / seen if seen else math.nan,
-               "train_accuracy": correct / seen if seen else math.nan,
-               "epsilon": outcome.epsilon}
-        row["val_loss"], row["val_accuracy"] = evaluate(model, data.val_x, data.val_y, batch_size=eval_batch_size)
-        row["test_loss"], row["test_accuracy"] = evaluate(model, data.test_x, data.test_y, batch_size=eval_batch_size)
+        row = {"epoch": epoch, "step": outcome.steps, "train_loss": loss_sum / seen if seen else math.nan,
+               "train_accuracy": correct / seen if seen else math.nan, "epsilon": outcome.epsilon}
+        row["val_loss"], row["val_accuracy"] = evaluate(eval_model, data.val_x, data.val_y,
+                                                        batch_size=settings.eval_batch_size, memory_format=memory_format)
+        row["test_loss"], row["test_accuracy"] = evaluate(eval_model, data.test_x, data.test_y,
+                                                          batch_size=settings.eval_batch_size, memory_format=memory_format)
         row["seconds"] = time.perf_counter() - epoch_start
         outcome.history.append(row)
         if metrics is not None:
             metrics.write(row)
-        log.info("epoch %d/%d: train_loss=%.4f test_accuracy=%.4f epsilon=%s (%d steps)", epoch, epochs,
-                 row["train_loss"], row["test_accuracy"],
-                 "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}", outcome.steps - steps_before)
+        log.info("epoch %d/%d: train_loss=%.4f test_accuracy=%.4f epsilon=%s", epoch, settings.epochs,
+                 row["train_loss"], row["test_accuracy"], "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
         if diverged:
             outcome.status = "diverged"
             log.warning("non-finite loss in epoch %d: the run diverged", epoch)
             break
-    log.debug("trained in %.1fs", time.perf_counter() - started)
+        if run_dir is not None and settings.checkpoint_every and (
+                epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):
+            ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir), {
+                "identity": identity, "epoch": epoch, "steps": outcome.steps, "samples_seen": outcome.samples_seen,
+                "train_seconds": outcome.train_seconds, "epsilon": outcome.epsilon, "history": outcome.history,
+                "model": _unwrapped(model).state_dict(), "optimizer": base_optimizer.state_dict(),
+                "accountant": engine.accountant.state_dict() if engine is not None else {},
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "rng": ckpt.generator_states(generators)})
     return outcome

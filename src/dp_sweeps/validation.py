@@ -56,6 +56,11 @@ def validate_config(cfg: DictConfig) -> None:
     if trainer.physical_batch_size is not None:
         require_number("trainer.physical_batch_size", trainer.physical_batch_size, low=1,
                        low_open=False, integer=True)
+    require_number("trainer.augmult", trainer.get("augmult", 1), low=1, low_open=False, integer=True)
+    if trainer.get("ema_decay") is not None:
+        require_number("trainer.ema_decay", trainer.ema_decay, low=0, high=1, low_open=False, high_open=False)
+    require_number("trainer.checkpoint_every", trainer.get("checkpoint_every") or 0, low=0, low_open=False,
+                   integer=True)
     require_choice("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device='cuda' but no CUDA device is available")

@@ -1,0 +1,152 @@
+"""Loop features that must leave the DP mechanism unchanged: augmentation
+multiplicity, parameter EMA, and checkpoint/resume (no replayed noise or batches)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dp_sweeps import training
+from dp_sweeps.checkpoint import checkpoint_path, load_checkpoint
+from dp_sweeps.errors import ConfigError
+from dp_sweeps.privacy import PrivacyPlan, make_private
+from dp_sweeps.train import train
+
+
+def _plan(*, sigma: float, clip: float, n: int, batch: int) -> PrivacyPlan:
+    per_epoch = math.ceil(n / batch)
+    return PrivacyPlan(private=True, accountant="prv", delta=1e-5, max_grad_norm=clip, noise_multiplier=sigma,
+                       sample_rate=1 / per_epoch, steps_per_epoch=per_epoch, steps=per_epoch, target_epsilon=None,
+                       planned_epsilon=None, poisson_sampling=True)
+
+
+def test_augmult_averages_copies_before_clipping():
+    """Per-example gradient = mean of its K copies' gradients, then clipped to ≤ C."""
+    torch.manual_seed(0)
+    copies, clip = 4, 0.05
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    reference.load_state_dict(model.state_dict())
+    loader = DataLoader(TensorDataset(torch.arange(3)), batch_size=3)
+    _, model, optimizer, criterion, _ = make_private(
+        plan=_plan(sigma=0.0, clip=clip, n=3, batch=3), module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader,
+        criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks", noise_generator=torch.Generator())
+    x = torch.randn(3 * copies, 3, 2, 2) * 5
+    y = torch.tensor([0, 1, 2]).repeat_interleave(copies)
+    criterion(model(x), y).backward()
+    training.average_augmented_copies(model, copies)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.grad_sample.shape[0] == 3
+        for i in range(3):  # explicit per-example loop
+            grads = torch.autograd.grad(nn.functional.cross_entropy(reference(x[i * copies:(i + 1) * copies]),
+                                                                    y[i * copies:(i + 1) * copies]), q)[0]
+            assert torch.allclose(p.grad_sample[i], grads, atol=1e-5)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in optimizer.grad_samples]).norm(dim=0)
+    assert (norms > clip).all()  # raw averaged gradients exceed C ...
+    optimizer.pre_step()
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())) * optimizer.expected_batch_size
+    assert total <= 3 * clip * (1 + 1e-5)  # ... and the sum of 3 clipped ones is within 3C
+
+
+def test_augmult_run_keeps_steps_and_epsilon(tiny_cfg, tmp_path):
+    plain = train(tiny_cfg("data.augment=true"), tmp_path / "plain")
+    multi = train(tiny_cfg("data.augment=true", "trainer.augmult=3", "trainer.physical_batch_size=32"),
+                  tmp_path / "augmult")
+    assert multi["status"] == "completed"
+    assert multi["steps"] == plain["steps"] and multi["epsilon"] == pytest.approx(plain["epsilon"])
+
+
+def test_augmult_refuses_ghost_clipping(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.augmult>1 needs per-example gradients"):
+        train(tiny_cfg("trainer.augmult=2", "privacy.grad_sample_mode=ghost"), tmp_path)
+
+
+def test_ema_weights_are_the_ones_evaluated(tiny_cfg, tmp_path, monkeypatch):
+    """Evaluation sees the EMA copy. With the average frozen after its first update
+    (the weights after step 1), what is evaluated differs from the trained weights."""
+    evaluated, emas = [], []
+    real_evaluate = training.evaluate
+
+    def spy(model, x, y, **kw):
+        evaluated.append((model, [p.detach().clone() for p in model.parameters()]))
+        return real_evaluate(model, x, y, **kw)
+
+    class RecordingAveragedModel(training.AveragedModel):
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            emas.append(self)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    monkeypatch.setattr(training, "AveragedModel", RecordingAveragedModel)
+    monkeypatch.setattr(training, "_ema_with_warmup", lambda decay: (lambda ema, params, n: None))
+    result = train(tiny_cfg("trainer.ema_decay=0.999", "optimizer.lr=0.05", "trainer.checkpoint_every=1"), tmp_path)
+    assert result["status"] == "completed" and result["steps"] > 1
+    trained = load_checkpoint(checkpoint_path(tmp_path))["model"]
+    model, weights = evaluated[-1]
+    assert model is emas[0].module
+    assert not all(torch.equal(p, q) for p, q in zip(weights, trained.values()))
+
+
+def test_ema_update_has_warmup():
+    ema, param = [torch.zeros(3)], [torch.ones(3)]
+    update = training._ema_with_warmup(0.999)
+    update(ema, param, torch.tensor(0))  # t=0: decay (1+0)/(10+0) = 0.1
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+
+
+def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
+    """An interrupted run resumed from its checkpoint ends bit-identical to an
+    uninterrupted one: same ε, same steps, no noise or batch drawn twice."""
+    overrides = ("trainer.epochs=3", "trainer.checkpoint_every=1", "data.augment=true")
+    full = train(tiny_cfg(*overrides), tmp_path / "full")
+    full_weights = load_checkpoint(checkpoint_path(tmp_path / "full"))["model"]
+
+    calls = {"n": 0}
+    real_save = training.ckpt.save_checkpoint
+
+    def crash_after_first(path, payload):
+        real_save(path, payload)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated kill after epoch 1")
+
+    monkeypatch.setattr(training.ckpt, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*overrides), tmp_path / "cut")
+    assert not (tmp_path / "cut" / "result.json").exists()
+    assert load_checkpoint(checkpoint_path(tmp_path / "cut"))["epoch"] == 1
+    resumed = train(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
+    assert resumed["resumed_from_epoch"] == 2
+    assert resumed["steps"] == full["steps"] == 24
+    assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
+    cut_weights = load_checkpoint(checkpoint_path(tmp_path / "cut"))["model"]
+    for k in full_weights:
+        assert torch.equal(full_weights[k], cut_weights[k]), k
+    rows = (tmp_path / "cut" / "metrics.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    # A finished run is not trained again.
+    again = train(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
+    assert again["wall_seconds"] == resumed["wall_seconds"]
+
+
+def test_resume_without_fresh_rng_would_replay_noise(tiny_cfg, tmp_path):
+    """The hazard this guards against: the same seed gives the same first noise draw,
+    so a resume that reseeds instead of restoring would repeat it."""
+    a = torch.Generator().manual_seed(2).get_state()
+    train(tiny_cfg("trainer.checkpoint_every=1"), tmp_path)
+    saved = load_checkpoint(checkpoint_path(tmp_path))["rng"]["generator/noise"]
+    assert not torch.equal(saved, a)  # the stored noise stream has advanced past the seed
+
+
+def test_checkpoint_with_other_privacy_settings_is_refused(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.epochs=2", "trainer.checkpoint_every=1"), tmp_path)
+    (tmp_path / "result.json").unlink()
+    with pytest.raises(ConfigError, match="written with noise_multiplier=.*refusing to resume"):
+        train(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.noise_multiplier=3.0"), tmp_path)
+    with pytest.raises(ConfigError, match="written with max_grad_norm=1.0.*config gives max_grad_norm=2.0"):
+        train(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.max_grad_norm=2.0"), tmp_path)
