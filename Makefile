@@ -9,7 +9,9 @@ ARGS ?=
 SCALE ?= smoke
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install run test bench report audit clean
+PAPER_EXPERIMENTS := epsilon batch clip lr epochs optimizer classical
+
+.PHONY: install run test bench report audit clean paper paper-table $(addprefix paper-,$(PAPER_EXPERIMENTS))
 
 install: $(STAMP)
 
@@ -30,6 +32,17 @@ test: install
 ## Gather runs and sweeps under outputs/ into tables and plots.
 report: install
 	$(PY) -m dp_sweeps.report outputs/runs outputs/multiruns --out outputs/report
+
+## The paper's experiments (conf/experiment/paper_*.yaml), at SCALE=smoke or full.
+## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated.
+paper-%: install
+	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) $(ARGS) -m
+
+paper: $(addprefix paper-,$(PAPER_EXPERIMENTS))
+
+## The paper's tables and plots from whatever has been run, into outputs/paper/<scale>/.
+paper-table: install
+	$(PY) -m dp_sweeps.paper outputs/paper/$(SCALE)
 
 clean:
 	rm -rf outputs/ .pytest_cache

@@ -127,9 +127,9 @@ def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch
     The loader must have ``ceil(N / B)`` batches so that Opacus's sampling rate is the
     plan's; this is checked, since ε depends on it.
     """
-    engine = PrivacyEngine(accountant=plan.accountant, secure_mode=secure_mode)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=secure_mode)
         wrapped = engine.make_private(
             module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
             noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,

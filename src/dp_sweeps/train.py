@@ -29,6 +29,7 @@ from dp_sweeps.models import create_model
 from dp_sweeps.privacy import plan_privacy, resolve_grad_sample_mode
 from dp_sweeps.results import MetricsLog, write_result
 from dp_sweeps import checkpoint as ckpt
+from dp_sweeps import distributed
 from dp_sweeps.results import read_result
 from dp_sweeps.training import LoopSettings, configure_backend, fit, resolve_device
 from dp_sweeps.validation import validate_against_data, validate_config
@@ -109,7 +110,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
             log.info("trainer.resume=true: %s already finished (%s); not run again", output_dir, previous["status"])
             return previous
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
+    _, world, device_name = distributed.init_from_env(cfg.trainer.device)
+    device = resolve_device(device_name)
     data = load_data(cfg.data)
     validate_against_data(cfg, num_train=data.num_train)
     # A fixed, data-independent feature map (model.features): no privacy cost; cached.
@@ -122,6 +124,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         from dp_sweeps.classical import run_classical
 
         result = run_classical(cfg, data=data, device=device, output_dir=output_dir)
+        result.setdefault("experiment", cfg.get("experiment_name"))
         result.setdefault("wall_seconds", time.perf_counter() - wall_start)
         write_result(output_dir, result)
         return result
@@ -131,7 +134,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     grad_sample_mode = resolve_grad_sample_mode(cfg.privacy.grad_sample_mode, cfg.model.name) if plan.private else None
     result: dict[str, Any] = {
-        "model": cfg.model.name, "optimizer": _choice("optimizer") or cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
+        "experiment": cfg.get("experiment_name"), "model": cfg.model.name, "optimizer": _choice("optimizer") or cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
         "lr": cfg.optimizer.get("lr"), "private": plan.private, "accountant": plan.accountant,
         "target_epsilon": plan.target_epsilon, "planned_epsilon": plan.planned_epsilon, "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
@@ -140,7 +143,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         "batch_size": cfg.trainer.batch_size, "physical_batch_size": cfg.trainer.physical_batch_size,
         "epochs": cfg.trainer.epochs, "planned_steps": plan.steps, "seed": cfg.seed,
         "grad_sample_mode": grad_sample_mode, "num_train": data.num_train, "num_val": len(data.val_y),
-        "num_test": len(data.test_y), "device": str(device), "host": platform.node(),
+        "num_test": len(data.test_y), "device": str(device), "world_size": world, "host": platform.node(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_version": torch.__version__,
     }
@@ -158,12 +161,15 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     configure_backend(device, tf32=cfg.trainer.get("tf32", True))
     settings = loop_settings(cfg, grad_sample_mode=grad_sample_mode or "hooks")
     identity = {key: result.get(key) for key in ckpt.PRIVACY_KEYS}
-    metrics = MetricsLog(output_dir, append=settings.resume and ckpt.checkpoint_path(output_dir).is_file())
+    main_process = distributed.is_main_process()
+    metrics = MetricsLog(output_dir, append=settings.resume and ckpt.checkpoint_path(output_dir).is_file()) \
+        if main_process else None
     try:
         outcome = fit(model=model, optimizer=optimizer, data=data.to(device), plan=plan, settings=settings,
                       device=device, metrics=metrics, run_dir=output_dir, run_identity=identity)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     last = outcome.last
     result.update(
         status=outcome.status, epsilon=outcome.epsilon, steps=outcome.steps,
@@ -174,7 +180,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         train_samples_per_second=outcome.samples_seen / outcome.train_seconds if outcome.train_seconds else None,
         train_seconds=outcome.train_seconds, peak_memory_mb=peak_memory_mb(device),
         wall_seconds=time.perf_counter() - wall_start)
-    write_result(output_dir, result)
+    if main_process:  # one record per run, also under torchrun
+        write_result(output_dir, result)
     return result
 
 

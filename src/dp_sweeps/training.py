@@ -20,12 +20,14 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from dp_sweeps import checkpoint as ckpt
+from dp_sweeps import distributed
 from dp_sweeps.data import ImageData, random_crop_flip
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
@@ -114,15 +116,18 @@ def _physical_batches(loader: DataLoader, *, cap: int, private: bool,
 
     Private: Opacus's BatchMemoryManager tells the DPOptimizer which physical batches
     end a logical one (it clips each, accumulates, and noises once per logical batch).
-    Non-private: plain gradient accumulation with losses weighted by chunk size.
+    Non-private: plain gradient accumulation with losses weighted by chunk size; with
+    several processes each takes its slice of the logical batch (DDP averages).
     """
+    rank, world = distributed.rank(), distributed.world_size()
     if private:
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=cap, optimizer=optimizer) as batches:
             for (idx,) in batches:
                 yield idx, 1.0, True
         return
     for (idx,) in loader:
-        chunks = idx.split(cap)
+        idx = idx[rank::world]
+        chunks = idx.split(cap) if len(idx) else (idx,)
         for k, chunk in enumerate(chunks):
             yield chunk, len(chunk) / len(idx), k == len(chunks) - 1
 
@@ -147,7 +152,14 @@ def _ema_with_warmup(decay: float):
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    return getattr(model, "_module", model)
+    """The plain model inside Opacus's GradSampleModule and (DP-)DDP wrappers."""
+    while True:
+        inner = getattr(model, "_module", None)
+        if inner is None and isinstance(model, (DPDDP, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
 
 
 def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, plan: PrivacyPlan,
@@ -168,7 +180,10 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
-    generators = {"sampler": torch.Generator().manual_seed(settings.seed + 1),
+    rank, world = distributed.rank(), distributed.world_size()
+    # Each rank's Poisson sampler draws its own coins (a shared seed would correlate
+    # the inclusion of examples on different ranks).
+    generators = {"sampler": torch.Generator().manual_seed(settings.seed + 1 + 7919 * rank),
                   "noise": torch.Generator(device=device).manual_seed(settings.seed + 2),
                   "augment": torch.Generator(device=device).manual_seed(settings.seed + 3)}
     loader = _index_loader(data.num_train, settings.batch_size, generators["sampler"])
@@ -177,6 +192,10 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
     ema = None
     if settings.ema_decay is not None:
         ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(settings.ema_decay), use_buffers=True)
+    if world > 1:
+        # Non-private: DDP averages gradients. Private: DPDDP only syncs the start weights;
+        # the DistributedDPOptimizer sums clipped gradients and rank 0's noise.
+        model = DPDDP(model) if plan.private else nn.parallel.DistributedDataParallel(model)
     engine = None
     if plan.private:
         engine, model, optimizer, criterion, loader = make_private(
@@ -256,7 +275,7 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                                                           batch_size=settings.eval_batch_size, memory_format=memory_format)
         row["seconds"] = time.perf_counter() - epoch_start
         outcome.history.append(row)
-        if metrics is not None:
+        if metrics is not None and rank == 0:
             metrics.write(row)
         log.info("epoch %d/%d: train_loss=%.4f test_accuracy=%.4f epsilon=%s", epoch, settings.epochs,
                  row["train_loss"], row["test_accuracy"], "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
@@ -264,7 +283,7 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
             outcome.status = "diverged"
             log.warning("non-finite loss in epoch %d: the run diverged", epoch)
             break
-        if run_dir is not None and settings.checkpoint_every and (
+        if run_dir is not None and rank == 0 and settings.checkpoint_every and (
                 epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):
             ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir), {
                 "identity": identity, "epoch": epoch, "steps": outcome.steps, "samples_seen": outcome.samples_seen,
