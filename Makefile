@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 SCALE ?= smoke
+# Where runs, sweeps and the paper's tables go (the configs' paths.output_dir).
+OUTPUT_DIR ?= $(or $(DP_SWEEPS_OUTPUT_DIR),outputs)
 PYTEST_ARGS ?= -n 2
 
 PAPER_EXPERIMENTS := epsilon batch clip lr epochs optimizer classical
@@ -31,18 +33,18 @@ test: install
 
 ## Gather runs and sweeps under outputs/ into tables and plots.
 report: install
-	$(PY) -m dp_sweeps.report outputs/runs outputs/multiruns --out outputs/report
+	$(PY) -m dp_sweeps.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report
 
 ## The paper's experiments (conf/experiment/paper_*.yaml), at SCALE=smoke or full.
 ## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated.
 paper-%: install
-	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) $(ARGS) -m
+	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) paths.output_dir=$(OUTPUT_DIR) $(ARGS) -m
 
 paper: $(addprefix paper-,$(PAPER_EXPERIMENTS))
 
 ## The paper's tables and plots from whatever has been run, into outputs/paper/<scale>/.
 paper-table: install
-	$(PY) -m dp_sweeps.paper outputs/paper/$(SCALE)
+	$(PY) -m dp_sweeps.paper $(OUTPUT_DIR)/paper/$(SCALE)
 
 clean:
 	rm -rf outputs/ .pytest_cache
