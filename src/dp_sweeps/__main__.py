@@ -6,7 +6,9 @@ from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.train import task
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config")
+# The search configs register dp_sweeps' resumable Optuna sweeper through this callback.
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config",
+            execution_whitelist=["dp_sweeps.search.RegisterSweeper"])
 def _hydra_entry(cfg):
     return task(cfg)
 

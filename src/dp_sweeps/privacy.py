@@ -11,6 +11,7 @@ Gaussian noise of standard deviation ``σ · max_grad_norm`` is added once per s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -68,13 +69,18 @@ def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delt
         return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=256)  # sweeps ask for the same calibration again and again
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                                accountant: str = "prv") -> float:
     """The smallest σ (to Opacus's tolerance of 0.01 in ε) whose ε after ``steps`` is ≤ the target."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
+        except (ValueError, ArithmeticError) as err:  # e.g. the GDP root finder on very few steps
+            raise ConfigError(f"privacy.epsilon={target_epsilon:g} cannot be calibrated under the {accountant} "
+                              f"accountant for q={sample_rate:.4g}, {steps} steps ({err})") from err
 
 
 def plan_privacy(privacy_cfg, *, num_train: int, batch_size: int, epochs: int) -> PrivacyPlan:

@@ -1,0 +1,377 @@
+"""Optuna search through Hydra's Optuna sweeper, made resumable and shareable.
+
+The stock ``hydra-optuna-sweeper`` (1.4.0rc3) runs ``n_trials`` *more* trials on every
+invocation, cannot open a sqlite file whose folder does not exist yet, silently reuses
+a study whose directions differ, and re-samples the same points when a seeded search is
+resumed. :class:`ResumableOptunaSweeper` keeps its configuration keys and its search
+space syntax and changes only the loop:
+
+- ``n_trials`` is the size of the *study*: a search run again asks only for the trials
+  it still lacks, so an interrupted search resumes where it stopped and a finished one
+  does nothing. Trials of every state count (complete, failed, pruned, running).
+- Several processes (or machines) on one storage URL share that budget: each counts the
+  study's trials before every batch it asks for, so together they run ``n_trials``.
+  On one machine's sqlite file the count and the ask are atomic (:func:`ask_lock`); on a
+  database server processes asking at the same instant may add up to ``n_jobs`` trials
+  each beyond it. The storage numbers trials uniquely either way.
+  Running trials send a heartbeat; a trial whose process died is marked failed after
+  :data:`GRACE_SECONDS`, so it neither blocks the budget nor stays "running" forever.
+- A trial whose run failed, diverged or returned a non-finite value is told ``FAIL``
+  (with the run's status and error as user attributes) and the search goes on.
+- Each trial runs with the overrides ``search.study=<name> search.trial=<number>``, so its
+  folder (``hydra.sweep.subdir``) and its ``.hydra/overrides.yaml`` name it; the trial
+  records its ``run_dir`` in turn. :mod:`dp_sweeps.report` joins the two.
+
+Hydra finds sweepers only under ``hydra_plugins/`` or through entry points, so the
+search configs list :class:`RegisterSweeper` under ``hydra.callbacks``: Hydra builds
+callbacks before the sweeper, and building this one registers the class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import logging
+import math
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from dp_sweeps.errors import ConfigError
+from dp_sweeps.results import RESULT_FILE
+
+log = logging.getLogger(__name__)
+
+# sqlite allows one writer at a time; a process waits this long for the lock.
+SQLITE_TIMEOUT_SECONDS = 120
+# A running trial records a heartbeat this often; one silent for GRACE_SECONDS is failed.
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
+# The states that use up a study's budget of n_trials.
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)
+SAMPLER_WHITELIST = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+
+
+def storage_for(url: str | None) -> optuna.storages.BaseStorage | None:
+    """An Optuna storage for ``url``: ``None`` (in memory, lost at exit) stays ``None``.
+
+    For ``sqlite:///PATH`` the folder of PATH is created, and writers wait
+    :data:`SQLITE_TIMEOUT_SECONDS` for the file lock instead of failing. Any URL gets
+    heartbeats (:data:`HEARTBEAT_SECONDS`), so trials of a dead process can be failed.
+    """
+    if url is None:
+        return None
+    url = str(url)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        if (path := _sqlite_path(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
+    else:
+        engine_kwargs["pool_pre_ping"] = True  # a database server may drop idle connections
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                          grace_period=GRACE_SECONDS)
+
+
+@contextlib.contextmanager
+def ask_lock(url: str | None) -> Iterator[None]:
+    """Make "count the study's trials, then ask for one" atomic across the processes of
+    one machine that share a sqlite file (an exclusive lock on ``<file>.lock``). With a
+    database server two machines may still ask at the same instant: one trial too many."""
+    path = _sqlite_path(url)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(url: str | None) -> Path | None:
+    if url is None or not str(url).startswith("sqlite:///"):
+        return None
+    path = str(url)[len("sqlite:///"):]
+    return None if not path or path == ":memory:" else Path(path)
+
+
+def open_study(*, storage: optuna.storages.BaseStorage | str | None, study_name: str | None,
+               directions: Sequence[str], sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Create the study, or load it with its trials; refuse one whose directions differ
+    (Optuna would silently keep the stored ones and mix two searches)."""
+    directions = [str(d).lower() for d in directions]
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise ConfigError(f"hydra.sweeper.direction={directions} but study {study.study_name!r} in that "
+                          f"storage was created with {stored}: choose another hydra.sweeper.study_name")
+    return study
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that use up the budget, after failing those whose process stopped beating."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return len(study.get_trials(deepcopy=False, states=COUNTED_STATES))
+
+
+def trial_outcome(return_value: Any, *, n_objectives: int) -> tuple[TrialState, list[float] | None, str | None]:
+    """(state, values, reason) for a task's return value: ``FAIL`` unless it holds
+    ``n_objectives`` finite numbers (the task returns NaN for failed or diverged runs)."""
+    raw = [return_value] if n_objectives == 1 else return_value
+    try:
+        values = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        return TrialState.FAIL, None, f"objective {return_value!r} is not {n_objectives} number(s)"
+    if len(values) != n_objectives:
+        return TrialState.FAIL, None, f"objective {return_value!r} has {len(values)} values, expected {n_objectives}"
+    if not all(math.isfinite(v) for v in values):
+        return TrialState.FAIL, None, f"non-finite objective {values} (the run failed or diverged)"
+    return TrialState.COMPLETE, values, None
+
+
+def last_override_wins(overrides: Sequence[str]) -> list[str]:
+    """Keep the last override of each key, as Hydra does (the stock sweeper lets a fixed
+    value beat a search range whatever their order, so ``trainer.batch_size=64
+    'trainer.batch_size=choice(32,64)'`` would not search)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    last = {o.get_key_element(): i for i, o in enumerate(parsed) if not o.is_delete()}
+    return [o.input_line for i, o in enumerate(parsed)
+            if o.is_delete() or last[o.get_key_element()] == i]
+
+
+def check_tuning_metric(cfg: DictConfig) -> None:
+    """A search must tune on the validation split held out of the training set: refuse
+    an ``optimized_metric`` read from the test set, or a ``val_*`` one with no split."""
+    metric = cfg.get("optimized_metric")
+    names = [metric] if isinstance(metric, str) else list(metric or [])
+    for name in names:
+        if str(name).startswith("test_"):
+            raise ConfigError(f"optimized_metric={name!r}: a search must not tune on the test set; "
+                              f"use val_{str(name)[len('test_'):]} with data.val_size > 0")
+        if str(name).startswith("val_") and not cfg.data.get("val_size"):
+            raise ConfigError(f"optimized_metric={name!r} needs data.val_size > 0 (examples held out of "
+                              f"the training set), got data.val_size={cfg.data.get('val_size')!r}")
+
+
+class _Heartbeat:
+    """Records a heartbeat for ``trial_ids`` every ``heartbeat_interval`` of the study's
+    storage (:data:`HEARTBEAT_SECONDS` for :func:`storage_for`) while open."""
+
+    def __init__(self, study: optuna.Study, trial_ids: Sequence[int]) -> None:
+        storage = study._storage  # Optuna wraps an RDBStorage in a cache that forwards heartbeats
+        self._interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self._storage = storage if self._interval else None
+        self._trial_ids = list(trial_ids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="optuna-heartbeat")
+
+    def _beat(self) -> None:
+        while True:
+            for trial_id in self._trial_ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception as err:  # a missed beat must not kill the trial
+                    log.debug("heartbeat for trial %d failed: %s", trial_id, err)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> "_Heartbeat":
+        if self._storage is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _run_record(ret: Any) -> dict[str, Any]:
+    """The trial's run folder and what its result.json says (status, error, epsilon_valid)."""
+    try:
+        run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
+    except Exception:
+        return {}
+    record: dict[str, Any] = {"run_dir": str(run_dir.resolve())}
+    try:
+        result = OmegaConf.to_container(OmegaConf.load(run_dir / RESULT_FILE))
+    except Exception:
+        return record
+    for key in ("status", "error", "epsilon_valid", "test_accuracy"):
+        if result.get(key) is not None:
+            record[key] = str(result[key])[:500] if key == "error" else result[key]
+    return record
+
+
+class _ResumableSweeperImpl(OptunaSweeperImpl):
+    def __init__(self, sampler_config: DictConfig | None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(None, *args, **kwargs)
+        self.sampler_config = sampler_config
+
+    def _make_sampler(self, *, existing_trials: int, search_space: dict) -> optuna.samplers.BaseSampler | None:
+        if self.sampler_config is None:
+            return None
+        sampler_config = copy.deepcopy(self.sampler_config)
+        # A seeded sampler made anew on resume would replay its first suggestions: offset it.
+        if sampler_config.get("seed") is not None and existing_trials:
+            sampler_config.seed = int(sampler_config.seed) + existing_trials
+        sampler = instantiate(sampler_config, _execution_whitelist_=SAMPLER_WHITELIST)
+        if getattr(sampler, "func", None) is optuna.samplers.GridSampler:
+            grid = {name: self._to_grid_sampler_choices(dist) for name, dist in search_space.items()}
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+            sampler = sampler(grid)
+        return sampler
+
+    def sweep(self, arguments: list[str]) -> None:
+        try:
+            self._sweep(arguments)
+        except ConfigError as err:  # bad search input: one line, before any trial
+            raise SystemExit(f"dp_sweeps: error: {err}") from None
+
+    def _sweep(self, arguments: list[str]) -> None:
+        check_tuning_metric(self.config)
+        self._process_searchspace_config()
+        params_conf = last_override_wins(self._parse_sweeper_params_config() + list(arguments))
+        search_space, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        for name in fixed_params:
+            search_space.pop(name, None)
+        directions = self._get_directions()
+        with ask_lock(self.storage):  # processes starting together would race to create the tables
+            study = open_study(storage=storage_for(self.storage), study_name=self.study_name, directions=directions)
+        existing = len(study.get_trials(deepcopy=False))
+        self.sampler = self._make_sampler(existing_trials=existing, search_space=search_space) or study.sampler
+        study.sampler = self.sampler
+        self._name_metrics(study, len(directions))
+        if existing:
+            self._warn_on_changed_settings(study, fixed_params)
+        log.info("Study %r (%s), %d trial(s) so far; budget n_trials=%d; directions %s; sampler %s",
+                 study.study_name, self.storage or "in memory", existing, self.n_trials, directions,
+                 type(self.sampler).__name__)
+
+        launched, crash = 0, None
+        while True:
+            with ask_lock(self.storage), warnings.catch_warnings():
+                # Heartbeats with ask/tell are deliberate here (Optuna expects optimize()).
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                remaining = self.n_trials - counted_trials(study)
+                trials = [study.ask() for _ in range(min(max(remaining, 0), self.n_jobs))]
+            if not trials:
+                break
+            with _Heartbeat(study, [t._trial_id for t in trials]):
+                overrides = [tuple(o) + (f"search.study={study.study_name}", f"search.trial={t.number}")
+                             for o, t in zip(self._configure_trials(trials, search_space, fixed_params,
+                                                                    fixed_overrides), trials)]
+                try:
+                    returns = list(self.launcher.launch(overrides, initial_job_idx=self.job_idx))
+                except Exception as err:  # e.g. a search-space value that does not compose
+                    log.error("launching trial(s) %s failed: %s", [t.number for t in trials], err)
+                    returns = []
+                    crash = err
+            self.job_idx += len(trials)
+            launched += len(trials)
+            crashes = 0
+            for index, trial in enumerate(trials):
+                if index < len(returns):
+                    ret = returns[index]
+                    try:
+                        value = ret.return_value
+                    except Exception as err:  # the task raised
+                        value, crashes = err, crashes + 1
+                    record = _run_record(ret)
+                else:
+                    value, record, crashes = crash, {}, crashes + 1
+                state, values, reason = (trial_outcome(value, n_objectives=len(directions))
+                                         if not isinstance(value, BaseException)
+                                         else (TrialState.FAIL, None, f"{type(value).__name__}: {value}"))
+                for key, item in {**record, **({"fail_reason": reason[:500]} if reason else {})}.items():
+                    trial.set_user_attr(key, item)
+                if state == TrialState.FAIL:
+                    log.warning("trial %d failed: %s", trial.number, reason)
+                try:
+                    study.tell(trial, values=values, state=state)
+                except RuntimeError as err:  # GridSampler asks the study to stop once the grid is done
+                    if "Study.stop" not in str(err):
+                        raise
+            if crashes / len(trials) > self.max_failure_rate:
+                raise RuntimeError(f"{crashes} of {len(trials)} trial(s) crashed, more than "
+                                   f"hydra.sweeper.max_failure_rate={self.max_failure_rate}")
+        log.info("This process ran %d trial(s); the study has %d", launched, len(study.trials))
+        self._save_results(study, len(directions))
+
+    def _name_metrics(self, study: optuna.Study, n_objectives: int) -> None:
+        metric = self.config.get("optimized_metric")
+        names = [metric] if isinstance(metric, str) else list(metric or [])
+        if len(names) == n_objectives and not study.metric_names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([str(n) for n in names])
+
+    @staticmethod
+    def _warn_on_changed_settings(study: optuna.Study, fixed_params: dict[str, Any]) -> None:
+        earlier = next((t.user_attrs for t in reversed(study.get_trials(deepcopy=False))), {})
+        changed = {k: (earlier.get(k), v) for k, v in fixed_params.items()
+                   if k in earlier and str(earlier[k]) != str(v)}
+        if changed:
+            log.warning("resuming study %r with other fixed settings than its last trial %s: its trials "
+                        "are then not comparable; pick a new hydra.sweeper.study_name unless intended",
+                        study.study_name, {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
+
+    def _save_results(self, study: optuna.Study, n_objectives: int) -> None:
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name,
+                                   "storage": str(self.storage), "n_trials": len(study.trials),
+                                   "n_complete": len(completed),
+                                   "note": "each trial's epsilon is its own run's; the search's cost is not included"}
+        if not completed:
+            log.warning("no trial of study %r completed", study.study_name)
+        elif n_objectives == 1:
+            best = study.best_trial
+            summary.update(best_trial=best.number, best_params=best.params, best_value=best.value)
+            log.info("Best trial %d: value %s, params %s", best.number, best.value, best.params)
+        else:
+            summary["solutions"] = [{"trial": t.number, "params": t.params, "values": t.values}
+                                    for t in study.best_trials]
+            log.info("Pareto set: %d trial(s)", len(summary["solutions"]))
+        path = Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(summary), path)
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    """``hydra/sweeper: optuna`` with the resumable, shared-budget loop described above.
+    Same keys as the stock sweeper (``n_trials`` counts the whole study)."""
+
+    def __init__(self, sampler: Any, direction: Any, storage: Any | None, study_name: str | None, n_trials: int,
+                 n_jobs: int, max_failure_rate: float, custom_search_space: str | None,
+                 params: DictConfig | None) -> None:
+        # The sampler is built in sweep(), once the study size (its seed offset) is known.
+        self.sweeper = _ResumableSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs,
+                                             max_failure_rate, custom_search_space, params)
+
+
+class RegisterSweeper(Callback):
+    """A Hydra callback whose construction registers :class:`ResumableOptunaSweeper`."""
+
+    def __init__(self) -> None:
+        Plugins.instance().register(ResumableOptunaSweeper)
