@@ -40,6 +40,9 @@ def test_paper_setting_dry_run_calibrates_sigma_0912(full_size_cifar, tmp_path):
     assert result["planned_epsilon"] <= 5.0 + 0.01
     assert result["sample_rate"] == pytest.approx(1 / 196)
     assert result["planned_steps"] == 19600
+    spread = result["epsilon_cross_check"]  # the dry run shows the accountants' spread
+    assert spread["prv"] == pytest.approx(result["planned_epsilon"])
+    assert abs(spread["pld"] - spread["prv"]) < 0.02 and spread["rdp"] > spread["prv"]
     assert not (tmp_path / "metrics.csv").exists()
 
 

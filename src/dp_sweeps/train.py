@@ -151,6 +151,14 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         log.warning("privacy.poisson_sampling=false: the reported ε assumes Poisson sampling and is "
                     "NOT a valid guarantee for shuffled fixed-size batches (epsilon_valid=false)")
     if cfg.dry_run:
+        if plan.private:  # the spread between accountants, for the planned run
+            from dp_sweeps.accounting import cross_check_epsilon
+
+            result["epsilon_cross_check"] = cross_check_epsilon(
+                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+                delta=plan.delta)
+            log.info("ε of the planned run: %s", ", ".join(f"{k} {v:.3f}" for k, v in
+                                                           result["epsilon_cross_check"].items()))
         result.update(status="planned", epsilon=plan.planned_epsilon, steps=0,
                       wall_seconds=time.perf_counter() - wall_start)
         write_result(output_dir, result)
