@@ -139,7 +139,7 @@ def test_resume_without_fresh_rng_would_replay_noise(tiny_cfg, tmp_path):
     so a resume that reseeds instead of restoring would repeat it."""
     a = torch.Generator().manual_seed(2).get_state()
     train(tiny_cfg("trainer.checkpoint_every=1"), tmp_path)
-    saved = load_checkpoint(checkpoint_path(tmp_path))["rng"]["generator/noise"]
+    saved = load_checkpoint(checkpoint_path(tmp_path))["rng_by_rank"][0]["generator/noise"]
     assert not torch.equal(saved, a)  # the stored noise stream has advanced past the seed
 
 

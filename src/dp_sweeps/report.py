@@ -39,6 +39,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from omegaconf import OmegaConf
 
 from dp_sweeps.results import RESULT_FILE
+from dp_sweeps.search import journal_path, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,9 @@ def find_storages(paths: Iterable[str | Path], storages: Iterable[str] = ()) -> 
     seen, unique = set(), []
     for url in urls:
         key = url
-        if url.startswith("sqlite:///"):
-            path = Path(url[len("sqlite:///"):])
-            if not path.is_file():
+        if url.startswith("sqlite:///") or journal_path(url) is not None:
+            path = journal_path(url) or Path(url[len("sqlite:///"):])
+            if not path.is_file():  # opening it would create an empty storage
                 log.warning("Optuna storage %s: no such file (from %s): skipped", path, Path.cwd())
                 continue
             key = str(path.resolve())
@@ -182,12 +183,13 @@ def collect_trials(storages: Iterable[str]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for url in storages:
         try:
-            names = optuna.study.get_all_study_names(storage=url)
+            storage = storage_for(url)  # journal files, and PostgreSQL through psycopg2
+            names = optuna.study.get_all_study_names(storage=storage)
         except Exception as err:
             log.warning("cannot read Optuna storage %s: %s", url, err)
             continue
         for name in names:
-            study = optuna.load_study(study_name=name, storage=url)
+            study = optuna.load_study(study_name=name, storage=storage)
             directions = [d.name.lower() for d in study.directions]
             metrics = study.metric_names or [f"objective{i}" for i in range(len(directions))]
             complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

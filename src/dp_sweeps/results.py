@@ -62,14 +62,12 @@ def read_result(run_dir: str | os.PathLike) -> dict:
 class MetricsLog:
     """Appends one row per epoch to ``metrics.csv`` (flushed, so a crash keeps the rows)."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, append: bool = False) -> None:
+    def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not (append and self.path.exists())
-        self._fh = open(self.path, "w" if fresh else "a", newline="")
+        self._fh = open(self.path, "w", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if fresh:
-            self._writer.writeheader()
+        self._writer.writeheader()
 
     def write(self, row: Mapping[str, Any]) -> None:
         self._writer.writerow({k: row.get(k) for k in METRIC_FIELDS})

@@ -9,13 +9,21 @@ space syntax and changes only the loop:
 - ``n_trials`` is the size of the *study*: a search run again asks only for the trials
   it still lacks, so an interrupted search resumes where it stopped and a finished one
   does nothing. Trials of every state count (complete, failed, pruned, running).
-- Several processes (or machines) on one storage URL share that budget: each counts the
-  study's trials before every batch it asks for, so together they run ``n_trials``.
-  On one machine's sqlite file the count and the ask are atomic (:func:`ask_lock`); on a
-  database server processes asking at the same instant may add up to ``n_jobs`` trials
-  each beyond it. The storage numbers trials uniquely either way.
-  Running trials send a heartbeat; a trial whose process died is marked failed after
-  :data:`GRACE_SECONDS`, so it neither blocks the budget nor stays "running" forever.
+- Several processes (or machines) on one storage share that budget: each counts the
+  study's trials before every batch it asks for, and the count and the ask are atomic
+  (:func:`ask_lock`: a file lock on a sqlite file, an advisory lock on PostgreSQL, a
+  symlink lock beside a journal file), so together they run exactly ``n_trials``. The
+  storage numbers trials uniquely. Storages: ``sqlite:///PATH`` (one machine), any
+  SQLAlchemy database URL (``postgresql://...``: several machines), and
+  ``journal:///PATH`` (Optuna's journal file, for a shared file system without a
+  database server; :func:`storage_for`).
+  On a database, running trials send a heartbeat; a trial whose process died is marked
+  failed after :data:`GRACE_SECONDS`, so it neither blocks the budget nor stays "running"
+  forever (a journal file has no heartbeats).
+- Each worker's sampler gets its own seed: ``seed`` + the number of the first trial the
+  worker asks for (:class:`WorkerSeededSampler`). Trial numbers are unique in a storage,
+  so no two workers propose the same points, and a resumed seeded search does not replay
+  its first suggestions.
 - A trial whose run failed, diverged or returned a non-finite value is told ``FAIL``
   (with the run's status and error as user attributes) and the search goes on.
 - Each trial runs with the overrides ``search.study=<name> search.trial=<number>``, so its
@@ -24,19 +32,24 @@ space syntax and changes only the loop:
 
 Hydra finds sweepers only under ``hydra_plugins/`` or through entry points, so the
 search configs list :class:`RegisterSweeper` under ``hydra.callbacks``: Hydra builds
-callbacks before the sweeper, and building this one registers the class.
+callbacks before the sweeper, and building this one registers the class (and the
+launchers of :mod:`dp_sweeps.launcher`, whose configs list it too).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
+import functools
+import importlib.util
 import logging
 import math
+import os
+import socket
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +78,34 @@ COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, Trial
 SAMPLER_WHITELIST = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 
 
+JOURNAL_PREFIX = "journal:///"
+# The PostgreSQL advisory lock that serialises "count the trials, ask for one" (any 64-bit key).
+PG_ASK_LOCK_KEY = zlib.crc32(b"dp_sweeps.search.ask_lock")
+
+
 def storage_for(url: str | None) -> optuna.storages.BaseStorage | None:
     """An Optuna storage for ``url``: ``None`` (in memory, lost at exit) stays ``None``.
 
-    For ``sqlite:///PATH`` the folder of PATH is created, and writers wait
-    :data:`SQLITE_TIMEOUT_SECONDS` for the file lock instead of failing. Any URL gets
-    heartbeats (:data:`HEARTBEAT_SECONDS`), so trials of a dead process can be failed.
+    - ``sqlite:///PATH``: the folder of PATH is created, and writers wait
+      :data:`SQLITE_TIMEOUT_SECONDS` for the file lock instead of failing.
+    - ``journal:///PATH`` (PATH relative, or absolute as ``journal:////abs/path.log``, as
+      for sqlite): Optuna's journal file storage (``JournalStorage(JournalFileBackend)``,
+      with its NFS-safe symlink lock), for workers on a shared file system where no
+      database server is at hand. Its folder is created.
+    - any other SQLAlchemy URL (``postgresql://USER@HOST:PORT/DB``, the password in
+      ``~/.pgpass`` or ``PGPASSWORD`` rather than in the URL, which runs record): a database
+      server that every worker reaches (:func:`database_url` picks the installed driver).
+
+    Database storages get heartbeats (:data:`HEARTBEAT_SECONDS`), so trials of a dead
+    process can be failed; the journal storage has none.
     """
     if url is None:
         return None
     url = str(url)
+    if (journal := journal_path(url)) is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    url = database_url(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         if (path := _sqlite_path(url)) is not None:
@@ -88,11 +119,61 @@ def storage_for(url: str | None) -> optuna.storages.BaseStorage | None:
                                           grace_period=GRACE_SECONDS)
 
 
+def database_url(url: str) -> str:
+    """``url`` with the PostgreSQL driver that is installed: SQLAlchemy >= 2.1 reads a bare
+    ``postgresql://`` as psycopg 3, but dp_sweeps depends on psycopg2 (``psycopg2-binary``).
+    An explicit driver (``postgresql+psycopg://``) is kept."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def journal_path(url: str | None) -> Path | None:
+    """The file of a ``journal:///PATH`` URL (None for any other URL)."""
+    if url is None or not str(url).startswith(JOURNAL_PREFIX):
+        return None
+    path = str(url)[len(JOURNAL_PREFIX):]
+    if not path:
+        raise ConfigError(f"hydra.sweeper.storage={url!r}: give a file, e.g. journal:///outputs/optuna/study.log")
+    return Path(path)
+
+
 @contextlib.contextmanager
 def ask_lock(url: str | None) -> Iterator[None]:
-    """Make "count the study's trials, then ask for one" atomic across the processes of
-    one machine that share a sqlite file (an exclusive lock on ``<file>.lock``). With a
-    database server two machines may still ask at the same instant: one trial too many."""
+    """Make "count the study's trials, then ask for one" atomic across every process that
+    shares the storage ``url``, so that together they run exactly ``n_trials``:
+
+    - sqlite: an exclusive ``flock`` on ``<file>.lock`` (the processes of one machine);
+    - PostgreSQL: a session advisory lock (:data:`PG_ASK_LOCK_KEY`) on the server, released
+      by the server if the process dies;
+    - journal file: Optuna's symlink lock on ``<file>.ask.lock`` (works on NFS; a lock left
+      by a dead process is broken after 30 s).
+
+    Other databases get no lock: workers asking at the same instant may then add one trial
+    each beyond ``n_trials`` (the storage still numbers trials uniquely).
+    """
+    if (journal := journal_path(url)) is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        lock = optuna.storages.journal.JournalFileSymlinkLock(f"{journal}.ask")
+        lock.acquire()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RuntimeError):  # broken by another process after its grace period
+                lock.release()
+        return
+    if url is not None and str(url).startswith("postgresql"):
+        import sqlalchemy
+
+        with _lock_engine(str(url)).connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": PG_ASK_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": PG_ASK_LOCK_KEY})
+                connection.commit()
+        return
     path = _sqlite_path(url)
     if path is None:
         yield
@@ -106,11 +187,75 @@ def ask_lock(url: str | None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@functools.lru_cache(maxsize=None)
+def _lock_engine(url: str):
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(database_url(url), pool_pre_ping=True, pool_size=1)
+
+
 def _sqlite_path(url: str | None) -> Path | None:
     if url is None or not str(url).startswith("sqlite:///"):
         return None
     path = str(url)[len("sqlite:///"):]
     return None if not path or path == ":memory:" else Path(path)
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process, recorded on each trial it runs (user attribute ``worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler built at this worker's first trial and seeded ``base_seed`` + that trial's
+    number; then it delegates every call to it.
+
+    Workers with the same seed propose the same points, so a seed given once to several
+    workers must become one seed per worker. The storage numbers trials uniquely and
+    atomically, so the number of a worker's first trial is a worker id that needs no
+    coordination: two workers on one study never share a seed, a worker alone on a new
+    study gets exactly ``base_seed`` (reproducible), and a resumed search (first trial
+    number = the trials it already has) does not replay its first suggestions.
+    """
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], *, base_seed: int) -> None:
+        self._build = build
+        self.base_seed = int(base_seed)
+        self.seed: int | None = None
+        self._sampler: optuna.samplers.BaseSampler | None = None
+
+    @property
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        if self._sampler is None:
+            raise RuntimeError("the sampler is built at this worker's first trial (before_trial)")
+        return self._sampler
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._sampler is None:
+            self.seed = self.base_seed + trial.number
+            self._sampler = self._build(self.seed)
+            log.info("sampler %s seeded %d (hydra.sweeper.sampler.seed=%d + first trial %d)",
+                     type(self._sampler).__name__, self.seed, self.base_seed, trial.number)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space):
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution):
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        if self._sampler is not None:
+            self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        if self._sampler is not None:
+            self._sampler.reseed_rng()
 
 
 def open_study(*, storage: optuna.storages.BaseStorage | str | None, study_name: str | None,
@@ -229,19 +374,24 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         super().__init__(None, *args, **kwargs)
         self.sampler_config = sampler_config
 
-    def _make_sampler(self, *, existing_trials: int, search_space: dict) -> optuna.samplers.BaseSampler | None:
+    def _make_sampler(self, *, search_space: dict) -> optuna.samplers.BaseSampler | None:
+        """The configured sampler; a seeded one becomes a :class:`WorkerSeededSampler`, so
+        that each worker (and each resumption) samples with its own seed."""
         if self.sampler_config is None:
             return None
-        sampler_config = copy.deepcopy(self.sampler_config)
-        # A seeded sampler made anew on resume would replay its first suggestions: offset it.
-        if sampler_config.get("seed") is not None and existing_trials:
-            sampler_config.seed = int(sampler_config.seed) + existing_trials
-        sampler = instantiate(sampler_config, _execution_whitelist_=SAMPLER_WHITELIST)
-        if getattr(sampler, "func", None) is optuna.samplers.GridSampler:
+        grid: dict[str, list] | None = None
+
+        def build(seed: int | None) -> optuna.samplers.BaseSampler:
+            overrides = {} if seed is None else {"seed": seed}
+            sampler = instantiate(self.sampler_config, _execution_whitelist_=SAMPLER_WHITELIST, **overrides)
+            return sampler(grid) if grid is not None else sampler
+
+        probe = instantiate(self.sampler_config, _execution_whitelist_=SAMPLER_WHITELIST)
+        if getattr(probe, "func", None) is optuna.samplers.GridSampler:
             grid = {name: self._to_grid_sampler_choices(dist) for name, dist in search_space.items()}
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
-            sampler = sampler(grid)
-        return sampler
+        seed = self.sampler_config.get("seed")
+        return build(None) if seed is None else WorkerSeededSampler(build, base_seed=int(seed))
 
     def sweep(self, arguments: list[str]) -> None:
         try:
@@ -260,7 +410,7 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         with ask_lock(self.storage):  # processes starting together would race to create the tables
             study = open_study(storage=storage_for(self.storage), study_name=self.study_name, directions=directions)
         existing = len(study.get_trials(deepcopy=False))
-        self.sampler = self._make_sampler(existing_trials=existing, search_space=search_space) or study.sampler
+        self.sampler = self._make_sampler(search_space=search_space) or study.sampler
         study.sampler = self.sampler
         self._name_metrics(study, len(directions))
         if existing:
@@ -278,6 +428,10 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
                 trials = [study.ask() for _ in range(min(max(remaining, 0), self.n_jobs))]
             if not trials:
                 break
+            for trial in trials:  # which worker ran it, and with which sampler seed
+                trial.set_user_attr("worker", worker_name())
+                if isinstance(self.sampler, WorkerSeededSampler):
+                    trial.set_user_attr("sampler_seed", self.sampler.seed)
             with _Heartbeat(study, [t._trial_id for t in trials]):
                 overrides = [tuple(o) + (f"search.study={study.study_name}", f"search.trial={t.number}")
                              for o, t in zip(self._configure_trials(trials, search_space, fixed_params,
@@ -371,7 +525,12 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
 
 class RegisterSweeper(Callback):
-    """A Hydra callback whose construction registers :class:`ResumableOptunaSweeper`."""
+    """A Hydra callback whose construction registers dp_sweeps' Hydra plugins:
+    :class:`ResumableOptunaSweeper` and the launchers of :mod:`dp_sweeps.launcher` (the
+    search configs and ``hydra/launcher=slurm|local`` list it under ``hydra.callbacks``)."""
 
     def __init__(self) -> None:
-        Plugins.instance().register(ResumableOptunaSweeper)
+        from dp_sweeps.launcher import LAUNCHERS
+
+        for plugin in (ResumableOptunaSweeper, *LAUNCHERS):
+            Plugins.instance().register(plugin)

@@ -170,8 +170,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     settings = loop_settings(cfg, grad_sample_mode=grad_sample_mode or "hooks")
     identity = {key: result.get(key) for key in ckpt.PRIVACY_KEYS}
     main_process = distributed.is_main_process()
-    metrics = MetricsLog(output_dir, append=settings.resume and ckpt.checkpoint_path(output_dir).is_file()) \
-        if main_process else None
+    # A resumed run rewrites metrics.csv from its checkpoint's history (rows written after
+    # the checkpoint by the interrupted attempt are dropped, as their steps are redone).
+    metrics = MetricsLog(output_dir) if main_process else None
     try:
         outcome = fit(model=model, optimizer=optimizer, data=data.to(device), plan=plan, settings=settings,
                       device=device, metrics=metrics, run_dir=output_dir, run_identity=identity)

@@ -216,8 +216,15 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
             engine.accountant.load_state_dict(saved["accountant"])
         if ema is not None and "ema" in saved:
             ema.load_state_dict(saved["ema"])
-        ckpt.restore_generator_states(saved["rng"], generators)
+        rng_by_rank = saved["rng_by_rank"]
+        if len(rng_by_rank) != world:
+            raise ConfigError(f"checkpoint {path} was written by {len(rng_by_rank)} processes, this run has {world}: "
+                              f"resume with the same number")
+        ckpt.restore_generator_states(rng_by_rank[rank], generators)  # each rank its own streams
         outcome.history = list(saved["history"])
+        if metrics is not None and rank == 0:  # rows after the checkpoint were never kept
+            for row in outcome.history:
+                metrics.write(row)
         outcome.steps, outcome.samples_seen = int(saved["steps"]), int(saved["samples_seen"])
         outcome.train_seconds, outcome.epsilon = float(saved["train_seconds"]), saved.get("epsilon")
         start_epoch = outcome.resumed_from_epoch = int(saved["epoch"]) + 1
@@ -283,13 +290,17 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
             outcome.status = "diverged"
             log.warning("non-finite loss in epoch %d: the run diverged", epoch)
             break
-        if run_dir is not None and rank == 0 and settings.checkpoint_every and (
+        if run_dir is not None and settings.checkpoint_every and (
                 epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):
+            # Every rank's generator states (a collective), so that each rank resumes its own.
+            rng_by_rank = distributed.gather_objects(ckpt.generator_states(generators))
+            if rank != 0:
+                continue
             ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir), {
                 "identity": identity, "epoch": epoch, "steps": outcome.steps, "samples_seen": outcome.samples_seen,
                 "train_seconds": outcome.train_seconds, "epsilon": outcome.epsilon, "history": outcome.history,
                 "model": _unwrapped(model).state_dict(), "optimizer": base_optimizer.state_dict(),
                 "accountant": engine.accountant.state_dict() if engine is not None else {},
                 **({"ema": ema.state_dict()} if ema is not None else {}),
-                "rng": ckpt.generator_states(generators)})
+                "rng_by_rank": rng_by_rank})
     return outcome
