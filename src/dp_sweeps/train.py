@@ -124,17 +124,28 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         from dp_sweeps.classical import run_classical
 
         result = run_classical(cfg, data=data, device=device, output_dir=output_dir)
-        result.setdefault("experiment", cfg.get("experiment_name"))
-        result.setdefault("wall_seconds", time.perf_counter() - wall_start)
+    else:
+        model = build_model(cfg.model, num_classes=data.num_classes)
+        result = train_network(cfg, model=model, data=data, device=device, output_dir=output_dir)
+    result.setdefault("experiment", cfg.get("experiment_name"))
+    result["wall_seconds"] = time.perf_counter() - wall_start
+    if distributed.is_main_process():  # one record per run, also under torchrun
         write_result(output_dir, result)
-        return result
+    return result
+
+
+def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torch.device, output_dir: Path,
+                  criterion: Optional[torch.nn.Module] = None, model_name: Optional[str] = None) -> dict[str, Any]:
+    """Plan the privacy of ``model``'s training, then train it with the one loop (or, on
+    a dry run, stop after planning). Returns the run's record; the caller writes it."""
+    model_name = model_name or cfg.model.name
     plan = plan_privacy(cfg.privacy, num_train=data.num_train, batch_size=cfg.trainer.batch_size,
                         epochs=cfg.trainer.epochs)
-    model = build_model(cfg.model, num_classes=data.num_classes)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    grad_sample_mode = resolve_grad_sample_mode(cfg.privacy.grad_sample_mode, cfg.model.name) if plan.private else None
+    grad_sample_mode = resolve_grad_sample_mode(cfg.privacy.grad_sample_mode, model_name) if plan.private else None
     result: dict[str, Any] = {
-        "experiment": cfg.get("experiment_name"), "model": cfg.model.name, "optimizer": _choice("optimizer") or cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
+        "experiment": cfg.get("experiment_name"), "model": model_name,
+        "optimizer": _choice("optimizer") or cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
         "lr": cfg.optimizer.get("lr"), "private": plan.private, "accountant": plan.accountant,
         "target_epsilon": plan.target_epsilon, "planned_epsilon": plan.planned_epsilon, "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
@@ -143,8 +154,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         "batch_size": cfg.trainer.batch_size, "physical_batch_size": cfg.trainer.physical_batch_size,
         "epochs": cfg.trainer.epochs, "planned_steps": plan.steps, "seed": cfg.seed,
         "grad_sample_mode": grad_sample_mode, "num_train": data.num_train, "num_val": len(data.val_y),
-        "num_test": len(data.test_y), "device": str(device), "world_size": world, "host": platform.node(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "num_test": len(data.test_y), "device": str(device), "world_size": distributed.world_size(),
+        "host": platform.node(), "parameters": sum(p.numel() for p in model.parameters()),
         "torch_version": torch.__version__,
     }
     if plan.private and not plan.poisson_sampling:
@@ -159,23 +170,20 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
                 delta=plan.delta)
             log.info("ε of the planned run: %s", ", ".join(f"{k} {v:.3f}" for k, v in
                                                            result["epsilon_cross_check"].items()))
-        result.update(status="planned", epsilon=plan.planned_epsilon, steps=0,
-                      wall_seconds=time.perf_counter() - wall_start)
-        write_result(output_dir, result)
         log.info("dry run: σ=%s, planned ε=%s over %d steps", plan.noise_multiplier, plan.planned_epsilon, plan.steps)
-        return result
+        return {**result, "status": "planned", "epsilon": plan.planned_epsilon, "steps": 0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     configure_backend(device, tf32=cfg.trainer.get("tf32", True))
     settings = loop_settings(cfg, grad_sample_mode=grad_sample_mode or "hooks")
     identity = {key: result.get(key) for key in ckpt.PRIVACY_KEYS}
-    main_process = distributed.is_main_process()
     # A resumed run rewrites metrics.csv from its checkpoint's history (rows written after
     # the checkpoint by the interrupted attempt are dropped, as their steps are redone).
-    metrics = MetricsLog(output_dir) if main_process else None
+    metrics = MetricsLog(output_dir) if distributed.is_main_process() else None
     try:
         outcome = fit(model=model, optimizer=optimizer, data=data.to(device), plan=plan, settings=settings,
-                      device=device, metrics=metrics, run_dir=output_dir, run_identity=identity)
+                      device=device, criterion=criterion, metrics=metrics, run_dir=output_dir,
+                      run_identity=identity)
     finally:
         if metrics is not None:
             metrics.close()
@@ -187,10 +195,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         train_accuracy=last.get("train_accuracy"), train_loss=last.get("train_loss"),
         epochs_completed=len(outcome.history), resumed_from_epoch=outcome.resumed_from_epoch or None,
         train_samples_per_second=outcome.samples_seen / outcome.train_seconds if outcome.train_seconds else None,
-        train_seconds=outcome.train_seconds, peak_memory_mb=peak_memory_mb(device),
-        wall_seconds=time.perf_counter() - wall_start)
-    if main_process:  # one record per run, also under torchrun
-        write_result(output_dir, result)
+        train_seconds=outcome.train_seconds, peak_memory_mb=peak_memory_mb(device))
     return result
 
 

@@ -88,8 +88,11 @@ def configure_backend(device: torch.device, *, tf32: bool = True) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
-             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y); (nan, nan) if empty."""
+             memory_format: torch.memory_format = torch.contiguous_format,
+             criterion: Optional[nn.Module] = None) -> tuple[float, float]:
+    """Mean loss (the training criterion, cross-entropy by default) and accuracy of
+    ``model`` on (x, y); (nan, nan) if empty."""
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     if len(y) == 0:
         return math.nan, math.nan
     was_training = model.training
@@ -98,7 +101,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     for start in range(0, len(y), batch_size):
         logits = model(x[start:start + batch_size].contiguous(memory_format=memory_format))
         target = y[start:start + batch_size]
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        loss_sum += criterion(logits, target).item() * len(target)
         correct += (logits.argmax(1) == target).sum().item()
     model.train(was_training)
     return loss_sum / len(y), correct / len(y)
@@ -188,6 +191,7 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                   "augment": torch.Generator(device=device).manual_seed(settings.seed + 3)}
     loader = _index_loader(data.num_train, settings.batch_size, generators["sampler"])
     criterion = criterion or nn.CrossEntropyLoss()
+    eval_criterion = criterion  # before Opacus may wrap it (ghost clipping)
     # The EMA copy is taken before Opacus attaches its hooks, so it carries none.
     ema = None
     if settings.ema_decay is not None:
@@ -277,9 +281,11 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
         row = {"epoch": epoch, "step": outcome.steps, "train_loss": loss_sum / seen if seen else math.nan,
                "train_accuracy": correct / seen if seen else math.nan, "epsilon": outcome.epsilon}
         row["val_loss"], row["val_accuracy"] = evaluate(eval_model, data.val_x, data.val_y,
-                                                        batch_size=settings.eval_batch_size, memory_format=memory_format)
+                                                        batch_size=settings.eval_batch_size, memory_format=memory_format,
+                                                        criterion=eval_criterion)
         row["test_loss"], row["test_accuracy"] = evaluate(eval_model, data.test_x, data.test_y,
-                                                          batch_size=settings.eval_batch_size, memory_format=memory_format)
+                                                          batch_size=settings.eval_batch_size, memory_format=memory_format,
+                                                          criterion=eval_criterion)
         row["seconds"] = time.perf_counter() - epoch_start
         outcome.history.append(row)
         if metrics is not None and rank == 0:
