@@ -31,6 +31,10 @@ run: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
 
+## Samples/s and peak memory per model and per-example gradient engine (outputs/bench/).
+bench: install
+	$(PY) -m dp_sweeps.bench $(ARGS)
+
 ## Gather runs and sweeps under outputs/ into tables and plots.
 report: install
 	$(PY) -m dp_sweeps.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report

@@ -140,3 +140,14 @@ def test_physical_batches_give_the_same_private_run(tiny_cfg, tmp_path):
     split = train(tiny_cfg("trainer.batch_size=128", "trainer.physical_batch_size=16"), tmp_path / "split")
     assert whole["steps"] == split["steps"] == 4
     assert whole["epsilon"] == pytest.approx(split["epsilon"], rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+def test_empty_poisson_batches_still_add_noise(tiny_cfg, tmp_path, monkeypatch, mode):
+    """An expected batch of 1 makes about a third of the Poisson batches empty: each must
+    still be a (noise-only) step, counted by the accountant, in every engine auto picks."""
+    result = train(tiny_cfg("trainer.batch_size=1", "data.train_subset=50", "privacy.noise_multiplier=1.0",
+                            "optimizer.lr=0.1", f"privacy.grad_sample_mode={mode}"), tmp_path)
+    assert result["status"] == "completed" and result["steps"] == 50
+    assert result["epsilon"] == pytest.approx(epsilon_for(noise_multiplier=1.0, sample_rate=1 / 50, steps=50,
+                                                          delta=1e-5))

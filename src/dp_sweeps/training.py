@@ -249,20 +249,25 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                 x, y = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
             if settings.augment:
                 x = random_crop_flip(x, generator=generators["augment"])
-            logits = model(x.contiguous(memory_format=memory_format))
-            loss = criterion(logits, y)
-            # An empty Poisson batch still takes a (pure-noise) step: skipping it would
-            # reveal that the batch was empty. Its loss is nan by definition; not divergence.
-            if len(y) > 0:
-                if not torch.isfinite(loss):
-                    diverged = True
-                    break
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-            (loss * weight).backward()
-            if copies > 1 and plan.private:
-                average_augmented_copies(model, copies)
+            if len(y) == 0 and plan.private and settings.grad_sample_mode != "ghost":
+                # An empty Poisson batch still takes a (pure-noise) step: skipping it would
+                # reveal that the batch was empty. Some engines cannot run an empty forward,
+                # so hand the optimizer empty per-example gradients directly.
+                for p in optimizer.params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+            else:
+                logits = model(x.contiguous(memory_format=memory_format))
+                loss = criterion(logits, y)
+                if len(y) > 0:  # an empty batch's loss is nan by definition, not divergence
+                    if not torch.isfinite(loss.detach()):
+                        diverged = True
+                        break
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+                (loss * weight).backward()
+                if copies > 1 and plan.private:
+                    average_augmented_copies(model, copies)
             if take_step:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -273,6 +278,8 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                     ema.update_parameters(_unwrapped(model))
                 bar.update(1)
         bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # count the last step's queued GPU work
         outcome.train_seconds += time.perf_counter() - epoch_start
         outcome.samples_seen += seen // copies
         if engine is not None:
