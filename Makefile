@@ -35,6 +35,10 @@ test: install
 bench: install
 	$(PY) -m dp_sweeps.bench $(ARGS)
 
+## Empirical privacy audit: ε lower bounds beside the claimed ε, and a broken-mechanism control.
+audit: install
+	$(PY) -m dp_sweeps.audit $(ARGS)
+
 ## Gather runs and sweeps under outputs/ into tables and plots.
 report: install
 	$(PY) -m dp_sweeps.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dp_sweeps.accounting import cross_check_epsilon, pld_epsilon
+from dp_sweeps.accounting import PRV_MAX_RDP_EPSILON, cross_check_epsilon, pld_epsilon
 
 PAPER_RATE = 256 / 50000
 PAPER = dict(noise_multiplier=0.912, sample_rate=PAPER_RATE, steps=int(100 / PAPER_RATE), delta=1e-5)
@@ -58,3 +58,11 @@ def test_less_noise_more_epsilon_in_every_accountant():
 def test_out_of_range_input_is_refused(bad):
     with pytest.raises(ValueError):
         cross_check_epsilon(**{**PAPER, **bad})
+
+
+def test_prv_is_skipped_above_its_memory_safe_range():
+    """Past RDP ε = 40 PRV is not run (at CIFAR scale its grid takes gigabytes there:
+    σ = 0.3, 100 epochs, needs > 3 GB); RDP and PLD still answer."""
+    eps = cross_check_epsilon(noise_multiplier=0.5, sample_rate=0.05, steps=500, delta=1e-5)
+    assert eps["prv"] is None
+    assert eps["rdp"] > PRV_MAX_RDP_EPSILON and eps["pld"] == pytest.approx(39.65, abs=0.05)

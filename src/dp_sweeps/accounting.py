@@ -17,6 +17,7 @@ its converged value on every setting tested.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
@@ -26,6 +27,9 @@ from dp_sweeps.privacy import epsilon_for
 # The PLD's value discretization: 1e-4 is converged to ~1e-3 in ε (and is an upper bound,
 # the PLD being pessimistic); 1e-3 errs by up to 0.07 at 50,000 steps, 3e-5 takes 3x longer.
 PLD_VALUE_DISCRETIZATION = 1e-4
+# PRV's grid grows with ε: at CIFAR scale (q = 1/196, 19,600 steps) σ = 0.5 (ε ≈ 31) takes
+# 1.3 GB, σ = 0.3 more than 3 GB. Above this RDP ε (an upper bound on PRV's) PRV is skipped.
+PRV_MAX_RDP_EPSILON = 40.0
 
 
 def pld_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -41,19 +45,22 @@ def pld_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delt
     return float(accountant.get_epsilon(delta))
 
 
-def cross_check_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> dict[str, float]:
+def cross_check_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int,
+                        delta: float) -> dict[str, Optional[float]]:
     """ε of ``steps`` DP-SGD steps (σ = ``noise_multiplier``, Poisson rate ``sample_rate``)
     at ``delta`` under Opacus PRV, Opacus RDP and dp-accounting PLD.
 
     Returns ``{"prv": ..., "rdp": ..., "pld": ...}``: each an accountant's own upper
     bound on ε, none of them adjusted. Assumes Poisson sampling, as all three do.
+    ``prv`` is None (not computed) when RDP's ε exceeds ``PRV_MAX_RDP_EPSILON``.
     """
     if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and steps >= 1 and 0 < delta < 1):
         raise ValueError(f"cross_check_epsilon: need σ > 0, 0 < q ≤ 1, steps ≥ 1, 0 < δ < 1; got "
                          f"σ={noise_multiplier}, q={sample_rate}, steps={steps}, δ={delta}")
     common = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=int(steps), delta=delta)
+    rdp = epsilon_for(**common, accountant="rdp")
     return {
-        "prv": epsilon_for(**common, accountant="prv"),
-        "rdp": epsilon_for(**common, accountant="rdp"),
+        "prv": epsilon_for(**common, accountant="prv") if rdp <= PRV_MAX_RDP_EPSILON else None,
+        "rdp": rdp,
         "pld": pld_epsilon(**common),
     }

@@ -28,6 +28,19 @@ from dp_sweeps.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+# The range in which every accountant answers in seconds and bounded memory. Beyond
+# MAX_EPSILON PRV's grid grows to gigabytes (CIFAR-10, 100 epochs: σ=0.5, ε≈31 takes
+# 1.3 GB; ε=50 takes 5 GB; σ=0.3 more than 3 GB) and such an ε promises nothing anyway.
+# Above MAX_NOISE_MULTIPLIER a single RDP/PRV call takes several seconds and calibration
+# would search for minutes; below MIN_DELTA PRV's floating-point error exceeds δ.
+MAX_EPSILON = 30.0
+MAX_NOISE_MULTIPLIER = 1e4
+MIN_DELTA = 1e-10
+MIN_EPSILON = 0.05
+MAX_STEPS = 10**7
+# Past this σ RDP's ε barely falls (its floor is ≈ 0.1 at δ = 1e-5): calibration moves on.
+MAX_RDP_START = 100.0
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 
 
@@ -71,16 +84,60 @@ def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delt
 
 @functools.lru_cache(maxsize=256)  # sweeps ask for the same calibration again and again
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                               accountant: str = "prv") -> float:
-    """The smallest σ (to Opacus's tolerance of 0.01 in ε) whose ε after ``steps`` is ≤ the target."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
-        except (ValueError, ArithmeticError) as err:  # e.g. the GDP root finder on very few steps
-            raise ConfigError(f"privacy.epsilon={target_epsilon:g} cannot be calibrated under the {accountant} "
-                              f"accountant for q={sample_rate:.4g}, {steps} steps ({err})") from err
+                               accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
+    """The smallest σ (to ``epsilon_tolerance`` in ε) whose ε after ``steps`` is ≤ the target.
+
+    The search brackets σ with RDP first (milliseconds at moderate σ), then refines with
+    ``accountant`` near RDP's σ, which is within a few percent of PRV's: Opacus's own
+    bisection from σ = 0 evaluates PRV at σ ≈ 0.3, where its grid at CIFAR scale takes
+    more than 3 GB. Raises ConfigError if no σ ≤ MAX_NOISE_MULTIPLIER reaches the target.
+    """
+    def eps(sigma: float, mechanism: str = accountant) -> float:
+        return epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                           accountant=mechanism)
+
+    def bisect(low: float, high: float, eps_high: float, mechanism: str, ratio: float = 1 + 1e-9) -> float:
+        """low misses the target, high meets it: narrow until high is within tolerance
+        (or high / low ≤ ``ratio``)."""
+        while target_epsilon - eps_high > epsilon_tolerance and high > ratio * low:
+            mid = (low + high) / 2
+            eps_mid = eps(mid, mechanism)
+            if eps_mid <= target_epsilon:
+                high, eps_high = mid, eps_mid
+            else:
+                low = mid
+        return high
+
+    def bracket(mechanism: str, start: float, factor: float, limit: float) -> tuple[float, float, float]:
+        """(low, high, ε(high)) with ε(low) > target ≥ ε(high) and high / low = factor."""
+        high, eps_high = start, eps(start, mechanism)
+        while eps_high > target_epsilon:
+            if high >= limit:
+                raise ConfigError(f"privacy.epsilon={target_epsilon:g} is out of reach of the {mechanism} "
+                                  f"accountant: σ={high:g} gives ε={eps_high:.3g} over {steps} steps at "
+                                  f"q={sample_rate:.4g}")
+            high = min(high * factor, limit)
+            eps_high = eps(high, mechanism)
+        low = high / factor
+        while low > 1e-2:
+            eps_low = eps(low, mechanism)
+            if eps_low > target_epsilon:
+                break
+            high, eps_high, low = low, eps_low, low / factor
+        return low, high, eps_high
+
+    try:
+        rdp_sigma = bisect(*bracket("rdp", 1.0, 2.0, MAX_RDP_START), "rdp",
+                           ratio=1 + 1e-9 if accountant == "rdp" else 1.05)
+    except ConfigError:
+        # RDP cannot certify ε below ≈ 0.1 (its orders stop at 256): search with the finer accountant.
+        if accountant == "rdp":
+            raise
+        return bisect(*bracket(accountant, MAX_RDP_START, 2.0, MAX_NOISE_MULTIPLIER), accountant)
+    if accountant == "rdp":
+        return rdp_sigma
+    # PRV and GDP need slightly less noise than RDP (rarely more): refine from RDP's σ.
+    return bisect(*bracket(accountant, rdp_sigma, 1.05, MAX_NOISE_MULTIPLIER), accountant)
 
 
 def plan_privacy(privacy_cfg, *, num_train: int, batch_size: int, epochs: int) -> PrivacyPlan:
@@ -89,19 +146,36 @@ def plan_privacy(privacy_cfg, *, num_train: int, batch_size: int, epochs: int) -
     per_epoch = steps_per_epoch(num_train, batch_size)
     sample_rate = 1.0 / per_epoch
     steps = per_epoch * epochs
+    if steps > MAX_STEPS:
+        raise ConfigError(f"trainer.epochs={epochs} gives {steps:.3g} steps of {per_epoch} per epoch; at most "
+                          f"{MAX_STEPS:.0e} are supported")
     if not privacy_cfg.enabled:
         return PrivacyPlan(private=False, accountant="none", delta=None, max_grad_norm=None,
                            noise_multiplier=None, sample_rate=sample_rate, steps_per_epoch=per_epoch,
                            steps=steps, target_epsilon=None, planned_epsilon=None, poisson_sampling=False)
     delta, accountant = float(privacy_cfg.delta), str(privacy_cfg.accountant)
-    if privacy_cfg.noise_multiplier is None:
-        target = float(privacy_cfg.epsilon)
-        sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=sample_rate,
-                                           steps=steps, accountant=accountant)
-    else:
-        target, sigma = None, float(privacy_cfg.noise_multiplier)
-    planned = epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
-                          accountant=accountant)
+    try:
+        if privacy_cfg.noise_multiplier is None:
+            target = float(privacy_cfg.epsilon)
+            sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=sample_rate,
+                                               steps=steps, accountant=accountant)
+        else:
+            target, sigma = None, float(privacy_cfg.noise_multiplier)
+            # RDP first: cheap at any σ and an upper bound on PRV's ε, whose grid for a
+            # huge ε takes gigabytes.
+            rdp = epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                              accountant="rdp")
+            if not rdp <= MAX_EPSILON:
+                raise ConfigError(f"privacy.noise_multiplier={sigma:g} gives ε≈{rdp:.3g} (RDP) over {steps} "
+                                  f"steps: too little noise (ε ≤ {MAX_EPSILON:g} is supported)")
+        planned = epsilon_for(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                              accountant=accountant)
+    except (ValueError, ArithmeticError, MemoryError) as err:  # ConfigError is a ValueError: re-raised as is
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"privacy: the {accountant} accountant cannot handle δ={delta:g}, q={sample_rate:.4g}, "
+                          f"{steps} steps ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                          ) from err
     if not math.isfinite(planned):
         raise ConfigError(f"privacy.noise_multiplier={sigma:g} gives ε={planned} under {accountant}: "
                           f"too little noise for this run")

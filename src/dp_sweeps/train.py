@@ -61,8 +61,8 @@ def build_model(model_cfg: DictConfig, *, num_classes: int) -> torch.nn.Module:
         kwargs.pop(key, None)
     try:
         return create_model(name, num_classes=num_classes, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"model.name={name!r}: {err}") from err
+    except (ValueError, TypeError, RuntimeError) as err:  # RuntimeError: torch refusing a size
+        raise ConfigError(f"model.name={name!r}: {str(err).splitlines()[0]}") from err
 
 
 def build_optimizer(optimizer_cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -168,8 +168,8 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
             result["epsilon_cross_check"] = cross_check_epsilon(
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
                 delta=plan.delta)
-            log.info("ε of the planned run: %s", ", ".join(f"{k} {v:.3f}" for k, v in
-                                                           result["epsilon_cross_check"].items()))
+            log.info("ε of the planned run: %s", ", ".join(
+                f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in result["epsilon_cross_check"].items()))
         log.info("dry run: σ=%s, planned ε=%s over %d steps", plan.noise_multiplier, plan.planned_epsilon, plan.steps)
         return {**result, "status": "planned", "epsilon": plan.planned_epsilon, "steps": 0}
     if device.type == "cuda":

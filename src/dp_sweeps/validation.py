@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
+from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
 
 log = logging.getLogger(__name__)
+
+MAX_OPTIMIZER_VALUE = 1e6
+# torch.optim's boolean options; every other optimizer key is a number (or a list of numbers).
+OPTIMIZER_FLAGS = ("nesterov", "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+                   "centered", "decoupled_weight_decay")
+# Seeds go to torch/numpy generators (seed + 1..3 for the run's own generators).
+MAX_SEED = 2**32
 
 
 def _is_number(value: Any) -> bool:
@@ -24,7 +31,8 @@ def require_number(key: str, value: Any, *, low: float | None = None, high: floa
                    low_open: bool = True, high_open: bool = True, integer: bool = False) -> None:
     """``value`` must be a finite number (an int if ``integer``) inside the given bounds."""
     kind = "an integer" if integer else "a number"
-    if not _is_number(value) or (integer and not float(value).is_integer()) or not math.isfinite(value):
+    # An integer key must hold an int: 3.0 epochs would reach range() and slicing as a float.
+    if not _is_number(value) or (integer and not isinstance(value, Integral)) or not math.isfinite(value):
         raise ConfigError(f"{key}={value!r} must be {kind}")
     if low is not None and (value <= low if low_open else value < low):
         raise ConfigError(f"{key}={value!r} must be {'>' if low_open else '>='} {low:g}")
@@ -41,21 +49,37 @@ def validate_config(cfg: DictConfig) -> None:
     """Checks that need no data: privacy, optimizer, trainer and data keys."""
     privacy, trainer = cfg.privacy, cfg.trainer
     if privacy.enabled:
+        # Bounded so that every accountant call terminates in seconds and bounded memory.
         if privacy.noise_multiplier is None:
-            require_number("privacy.epsilon", privacy.epsilon, low=0)
+            require_number("privacy.epsilon", privacy.epsilon, low=MIN_EPSILON, high=MAX_EPSILON, low_open=False,
+                           high_open=False)
         else:
-            require_number("privacy.noise_multiplier", privacy.noise_multiplier, low=0)
-        require_number("privacy.delta", privacy.delta, low=0, high=1)
+            require_number("privacy.noise_multiplier", privacy.noise_multiplier, low=0,
+                           high=MAX_NOISE_MULTIPLIER, high_open=False)
+        require_number("privacy.delta", privacy.delta, low=MIN_DELTA, low_open=False, high=1)
         require_number("privacy.max_grad_norm", privacy.max_grad_norm, low=0)
         require_choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
         require_choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
     if "lr" in cfg.optimizer:
         require_number("optimizer.lr", cfg.optimizer.lr, low=0)
+    for key, value in cfg.optimizer.items():
+        if key.startswith("_"):
+            continue
+        if key in OPTIMIZER_FLAGS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"optimizer.{key}={value!r} must be true or false")
+            continue
+        # torch.optim checks signs but not size or type: 1e300 overflows float32 in step(),
+        # 10**30 overflows int64, True is taken as 1.
+        for item in (value if isinstance(value, ListConfig) else [value]):
+            require_number(f"optimizer.{key}", item, low=-MAX_OPTIMIZER_VALUE, high=MAX_OPTIMIZER_VALUE,
+                           low_open=False, high_open=False)
     require_number("trainer.epochs", trainer.epochs, low=1, low_open=False, integer=True)
     require_number("trainer.batch_size", trainer.batch_size, low=1, low_open=False, integer=True)
     if trainer.physical_batch_size is not None:
         require_number("trainer.physical_batch_size", trainer.physical_batch_size, low=1,
                        low_open=False, integer=True)
+    require_number("trainer.eval_batch_size", trainer.eval_batch_size, low=1, low_open=False, integer=True)
     require_number("trainer.augmult", trainer.get("augmult", 1), low=1, low_open=False, integer=True)
     if trainer.get("ema_decay") is not None:
         require_number("trainer.ema_decay", trainer.ema_decay, low=0, high=1, low_open=False, high_open=False)
@@ -64,7 +88,9 @@ def validate_config(cfg: DictConfig) -> None:
     require_choice("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device='cuda' but no CUDA device is available")
-    require_number("seed", cfg.seed, integer=True)
+    require_number("seed", cfg.seed, low=0, low_open=False, high=MAX_SEED, integer=True)
+    require_number("data.split_seed", cfg.data.get("split_seed", 0), low=0, low_open=False, high=MAX_SEED,
+                   integer=True)
     for key in ("train_subset", "test_subset"):
         if cfg.data.get(key) is not None:
             require_number(f"data.{key}", cfg.data[key], low=1, low_open=False, integer=True)

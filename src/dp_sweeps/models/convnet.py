@@ -24,6 +24,9 @@ def convnet(*, num_classes: int = 10, in_channels: int = 3, width: int = 32,
             hidden: int = 128, activation: str = "tanh", norm: bool = False,
             image_size: int = 32) -> nn.Module:
     """``width`` channels in the first stage, doubling per stage; ``norm`` adds GroupNorm."""
+    for key, value in (("width", width), ("hidden", hidden)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"model.{key}={value!r} must be a positive integer")
     layers: list[nn.Module] = []
     channels = in_channels
     for stage in range(3):
