@@ -44,4 +44,4 @@ def disable_inplace(module: nn.Module) -> nn.Module:
 
 
 # Importing the builder modules registers them.
-from dp_sweeps.models import convnet, densenet, efficientnet, resnet, vit  # noqa: E402,F401
+from dp_sweeps.models import convnet, densenet, efficientnet, resnet, scatter, vit, wrn  # noqa: E402,F401
