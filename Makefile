@@ -45,7 +45,7 @@ report: install
 
 ## The paper's experiments (conf/experiment/paper_*.yaml), at SCALE=smoke or full.
 ## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated.
-paper-%: install
+$(addprefix paper-,$(PAPER_EXPERIMENTS)): paper-%: install
 	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) paths.output_dir=$(OUTPUT_DIR) $(ARGS) -m
 
 paper: $(addprefix paper-,$(PAPER_EXPERIMENTS))
