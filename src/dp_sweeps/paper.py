@@ -80,7 +80,7 @@ def plot_experiment(table: pd.DataFrame, experiment: PaperExperiment, path: Path
         return None
     fig = Figure(figsize=(6.4, 4.4), dpi=150)
     ax = fig.add_subplot()
-    categorical = table[experiment.column].dtype == object
+    categorical = not pd.api.types.is_numeric_dtype(table[experiment.column])
     categories = sorted(table[experiment.column].astype(str).unique()) if categorical else None
     for i, (model, group) in enumerate(table.groupby("model")):
         x = ([categories.index(str(v)) for v in group[experiment.column]] if categorical
