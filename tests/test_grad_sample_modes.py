@@ -23,7 +23,10 @@ FAMILIES = {
     "vit": dict(embed_dim=16, depth=1, num_heads=2),               # LayerNorm, attention, cls/pos tokens
     "efficientnet": dict(variant="test_efficientnet"),             # depthwise conv, SE, GroupNormAct
     "densenet121": dict(growth_rate=4, block_config=(1, 1, 1, 1)),  # concatenation, GroupNormAct
+    "scatter_linear": dict(in_channels=9, spatial_size=4, norm_groups=3),  # GroupNorm + linear on features
 }
+# Models that read feature maps, not images: their input shape (N x C x H x W without N).
+INPUT_SHAPES = {"scatter_linear": (9, 4, 4)}
 ENGINES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
 # Two physical batch sizes: ExpandedWeights ("ew") takes a grouped-convolution path under
 # 32 examples and an unfold path from 32 on; Poisson batches split by BatchMemoryManager
@@ -39,9 +42,10 @@ def _plan(max_grad_norm: float, noise_multiplier: float) -> PrivacyPlan:
                        target_epsilon=None, planned_epsilon=None, poisson_sampling=True)
 
 
-def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(size)
-    return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+    shape = INPUT_SHAPES.get(name, (3, 32, 32))
+    return torch.randn(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
 
 
 def _fresh(name: str) -> nn.Module:
@@ -70,7 +74,7 @@ def _dp_gradient(name: str, mode: str, *, batch_size: int, max_grad_norm: float,
         plan=_plan(max_grad_norm, noise_multiplier), module=model, optimizer=optimizer, data_loader=loader,
         criterion=nn.CrossEntropyLoss(), grad_sample_mode=mode,
         noise_generator=torch.Generator().manual_seed(noise_seed))
-    x, y = _batch(batch_size)
+    x, y = _batch(batch_size, name)
     criterion(module(x), y).backward()  # ghost: both of its backward passes
     optimizer.pre_step()
     return [p.grad.detach().clone() for p in module.parameters() if p.requires_grad]
@@ -95,7 +99,7 @@ def hooks_reference():
     def get(name: str, batch_size: int) -> dict:
         if (name, batch_size) not in cache:
             norms = [torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
-                     for grads in _per_example_gradients(_fresh(name), *_batch(batch_size))]
+                     for grads in _per_example_gradients(_fresh(name), *_batch(batch_size, name))]
             clip = float(torch.tensor(norms).median())
             cache[name, batch_size] = {
                 "clip": clip,
@@ -111,7 +115,7 @@ def test_hooks_mode_clips_like_an_explicit_per_example_loop(name, hooks_referenc
     batch_size = BATCH_SIZES[0]
     hooks = hooks_reference(name, batch_size)
     reference = None
-    for grads in _per_example_gradients(_fresh(name), *_batch(batch_size)):
+    for grads in _per_example_gradients(_fresh(name), *_batch(batch_size, name)):
         norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
         factor = (hooks["clip"] / (norm + 1e-6)).clamp(max=1.0)  # Opacus's clipping factor
         scaled = [g * factor / batch_size for g in grads]
@@ -147,6 +151,8 @@ def test_auto_resolves_to_a_measured_engine_for_every_model():
         assert AUTO_GRAD_SAMPLE_MODE.get(name) in ENGINES, f"no auto engine for {name}"
         assert resolve_grad_sample_mode("auto", name) == AUTO_GRAD_SAMPLE_MODE[name]
         assert name in FAMILIES  # so the equivalence test above covers its pick
+    # Every model with an auto entry (the ScatterNet heads too) is covered by the equivalence test.
+    assert set(AUTO_GRAD_SAMPLE_MODE) <= set(FAMILIES)
     assert resolve_grad_sample_mode("ghost", "convnet") == "ghost"  # an explicit choice is kept
     assert resolve_grad_sample_mode("auto", "a-model-never-measured") == "hooks"
 

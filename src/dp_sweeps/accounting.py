@@ -33,34 +33,40 @@ PRV_MAX_RDP_EPSILON = 40.0
 
 
 def pld_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                value_discretization_interval: float = PLD_VALUE_DISCRETIZATION) -> float:
+                value_discretization_interval: float = PLD_VALUE_DISCRETIZATION,
+                prior: tuple[tuple[float, float, int], ...] = ()) -> float:
     """ε after ``steps`` Poisson-sampled Gaussian steps under Google's PLD accountant
     (add/remove-one neighbours, as Opacus). A pessimistic estimate: an upper bound up to
     the accountant's truncation of mass below ``exp(-50)``."""
     if noise_multiplier == 0:
         return math.inf
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=value_discretization_interval)
-    step = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
-    accountant.compose(dp_event.SelfComposedDpEvent(step, steps))
+    for sigma, q, count in (*prior, (noise_multiplier, sample_rate, steps)):
+        event = dp_event.GaussianDpEvent(sigma)
+        if q < 1:
+            event = dp_event.PoissonSampledDpEvent(q, event)
+        accountant.compose(dp_event.SelfComposedDpEvent(event, int(count)))
     return float(accountant.get_epsilon(delta))
 
 
 def cross_check_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int,
-                        delta: float) -> dict[str, Optional[float]]:
+                        delta: float, prior: tuple[tuple[float, float, int], ...] = ()) -> dict[str, Optional[float]]:
     """ε of ``steps`` DP-SGD steps (σ = ``noise_multiplier``, Poisson rate ``sample_rate``)
     at ``delta`` under Opacus PRV, Opacus RDP and dp-accounting PLD.
 
     Returns ``{"prv": ..., "rdp": ..., "pld": ...}``: each an accountant's own upper
     bound on ε, none of them adjusted. Assumes Poisson sampling, as all three do.
+    ``prior``: Gaussian releases ``(σ, q, count)`` before the steps, composed by all three.
     ``prv`` is None (not computed) when RDP's ε exceeds ``PRV_MAX_RDP_EPSILON``.
     """
     if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and steps >= 1 and 0 < delta < 1):
         raise ValueError(f"cross_check_epsilon: need σ > 0, 0 < q ≤ 1, steps ≥ 1, 0 < δ < 1; got "
                          f"σ={noise_multiplier}, q={sample_rate}, steps={steps}, δ={delta}")
     common = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=int(steps), delta=delta)
-    rdp = epsilon_for(**common, accountant="rdp")
+    prior = tuple(tuple(r) for r in prior)
+    rdp = epsilon_for(**common, accountant="rdp", prior=prior)
     return {
-        "prv": epsilon_for(**common, accountant="prv") if rdp <= PRV_MAX_RDP_EPSILON else None,
+        "prv": epsilon_for(**common, accountant="prv", prior=prior) if rdp <= PRV_MAX_RDP_EPSILON else None,
         "rdp": rdp,
-        "pld": pld_epsilon(**common),
+        "pld": pld_epsilon(**common, prior=prior),
     }

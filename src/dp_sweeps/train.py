@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dp_sweeps.data import load_cifar10
+from dp_sweeps.data_normalization import fit_data_normalization
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.features import apply_feature_map
 from dp_sweeps.models import create_model
@@ -57,7 +58,7 @@ def load_data(data_cfg: DictConfig):
 def build_model(model_cfg: DictConfig, *, num_classes: int) -> torch.nn.Module:
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     name = kwargs.pop("name")
-    for key in ("family", "features"):  # read by train(), not by the builder
+    for key in ("family", "features", "data_norm"):  # read by train(), not by the builder
         kwargs.pop(key, None)
     try:
         return create_model(name, num_classes=num_classes, **kwargs)
@@ -139,8 +140,11 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
     """Plan the privacy of ``model``'s training, then train it with the one loop (or, on
     a dry run, stop after planning). Returns the run's record; the caller writes it."""
     model_name = model_name or cfg.model.name
+    # DP data normalisation (model.norm=data): released before training, charged to ε.
+    prior_releases = fit_data_normalization(model, data.train_x, private=bool(cfg.privacy.enabled),
+                                            settings=cfg.model.get("data_norm"), seed=cfg.seed)
     plan = plan_privacy(cfg.privacy, num_train=data.num_train, batch_size=cfg.trainer.batch_size,
-                        epochs=cfg.trainer.epochs)
+                        epochs=cfg.trainer.epochs, prior_releases=prior_releases)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     grad_sample_mode = resolve_grad_sample_mode(cfg.privacy.grad_sample_mode, model_name) if plan.private else None
     result: dict[str, Any] = {
@@ -156,7 +160,7 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
         "grad_sample_mode": grad_sample_mode, "num_train": data.num_train, "num_val": len(data.val_y),
         "num_test": len(data.test_y), "device": str(device), "world_size": distributed.world_size(),
         "host": platform.node(), "parameters": sum(p.numel() for p in model.parameters()),
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "prior_releases": [list(r) for r in plan.prior_releases] or None,
     }
     if plan.private and not plan.poisson_sampling:
         log.warning("privacy.poisson_sampling=false: the reported ε assumes Poisson sampling and is "
@@ -167,7 +171,7 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
 
             result["epsilon_cross_check"] = cross_check_epsilon(
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
-                delta=plan.delta)
+                delta=plan.delta, prior=plan.prior_releases)
             log.info("ε of the planned run: %s", ", ".join(
                 f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in result["epsilon_cross_check"].items()))
         log.info("dry run: σ=%s, planned ε=%s over %d steps", plan.noise_multiplier, plan.planned_epsilon, plan.steps)

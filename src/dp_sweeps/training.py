@@ -181,6 +181,9 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                           "hooks, functorch or ew, not 'ghost'")
     # Opacus's hooks fire on the first layer although its input needs no gradient: harmless.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    # PRV evaluates log(1 - q) for a release over the whole set (q = 1, data normalisation): -inf is right there.
+    warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning,
+                            module=r"opacus\.accountants\.analysis\.prv")
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
     rank, world = distributed.rank(), distributed.world_size()
@@ -283,7 +286,9 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
         outcome.train_seconds += time.perf_counter() - epoch_start
         outcome.samples_seen += seen // copies
         if engine is not None:
-            outcome.steps = sum(n for _, _, n in engine.accountant.history)
+            # DP-SGD's steps: the ledger less the releases made before training (its first entries).
+            outcome.steps = (sum(n for _, _, n in engine.accountant.history)
+                             - sum(n for _, _, n in plan.prior_releases))
             outcome.epsilon = float(engine.get_epsilon(plan.delta))
         row = {"epoch": epoch, "step": outcome.steps, "train_loss": loss_sum / seen if seen else math.nan,
                "train_accuracy": correct / seen if seen else math.nan, "epsilon": outcome.epsilon}

@@ -95,6 +95,17 @@ def validate_config(cfg: DictConfig) -> None:
         if cfg.data.get(key) is not None:
             require_number(f"data.{key}", cfg.data[key], low=1, low_open=False, integer=True)
     require_number("data.val_size", cfg.data.get("val_size", 0), low=0, low_open=False, integer=True)
+    if cfg.model.get("norm") == "data":
+        settings = cfg.model.get("data_norm")
+        if settings is None:
+            raise ConfigError("model.norm='data' needs model.data_norm (noise_multiplier, clip_mean, clip_square)")
+        for key in ("noise_multiplier", "clip_mean", "clip_square"):
+            if privacy.enabled or key != "noise_multiplier":
+                require_number(f"model.data_norm.{key}", settings.get(key), low=0, high_open=False,
+                               high=MAX_NOISE_MULTIPLIER if key == "noise_multiplier" else None)
+        if privacy.enabled and privacy.accountant == "gdp":
+            raise ConfigError("model.norm='data' with privacy.accountant='gdp': GDP cannot compose the "
+                              "normalisation's release with DP-SGD; use prv or rdp")
 
 
 def validate_against_data(cfg: DictConfig, *, num_train: int) -> None:

@@ -4,12 +4,15 @@ small tanh CNN, each behind a data-independent normalisation.
 They read the output of the ``scattering`` feature map (:mod:`dp_sweeps.features.scattering`),
 N x 243 x 8 x 8 for CIFAR-10 (``model.features`` in conf/model/scatter_*.yaml).
 
-Normalisation: GroupNorm without affine parameters (``norm_groups`` groups over the
-243 channels; 27 in the paper's CIFAR-10 runs, i.e. 9 channels per group). It uses
-one example's own statistics, so it needs no privacy budget. The paper's other option,
-"DP data normalisation" (per-channel means and variances of the scattered training
-set, released with the Gaussian mechanism and charged to the privacy budget), is not
-implemented here: it needs its own share of ε composed into the accountant.
+Normalisation (``norm``):
+
+- ``group``: GroupNorm without affine parameters (``norm_groups`` groups over the 243
+  channels; 27 in the paper's CIFAR-10 runs, i.e. 9 channels per group). It uses one
+  example's own statistics, so it needs no privacy budget.
+- ``data``: the paper's "DP data normalisation": per-channel means and variances of the
+  scattered training set, released with the Gaussian mechanism before training and
+  charged to the run's ε (:mod:`dp_sweeps.data_normalization`, ``model.data_norm``).
+- ``none``.
 
 Layout follows the authors' code (ftramer/Handcrafted-DP, ``ScatterLinear`` and
 ``CIFAR10_CNN`` with scattering input): linear = GroupNorm -> flatten -> Linear;
@@ -22,6 +25,7 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 
+from dp_sweeps.data_normalization import ChannelStandardize
 from dp_sweeps.models import register_model
 
 # ScatterNet(J=2, L=8) on 32x32 RGB: 3 colours x 81 paths, at 8x8.
@@ -30,11 +34,14 @@ SCATTER_SIZE = 8
 
 
 def scatter_norm(channels: int, norm: str, norm_groups: int) -> nn.Module:
-    """The input normalisation: ``group`` (GroupNorm, no affine) or ``none``."""
+    """The input normalisation: ``group`` (GroupNorm, no affine), ``data`` (fixed
+    per-channel statistics, set before training) or ``none``."""
     if norm == "none":
         return nn.Identity()
+    if norm == "data":
+        return ChannelStandardize(channels)
     if norm != "group":
-        raise ValueError(f"norm={norm!r} must be 'group' or 'none' (DP data normalisation is not implemented)")
+        raise ValueError(f"norm={norm!r} must be 'group', 'data' or 'none'")
     if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1 \
             or channels % norm_groups:
         raise ValueError(f"norm_groups={norm_groups!r} must be a positive divisor of the {channels} input channels")
