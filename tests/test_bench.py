@@ -45,6 +45,31 @@ def test_tiny_bench_writes_records_and_table(tmp_path):
     assert f"{hooks['time_ratio_vs_none']:.2f}" in table
 
 
+def test_stock_opacus_baseline_runs_opacus_own_code_and_anchors_the_speedup(tmp_path, monkeypatch):
+    from dp_sweeps import grad_samplers
+    from opacus.grad_sample import GradSampleModule
+
+    seen = []  # which conv sampler Opacus holds while each mode trains
+    real_fit = bench.fit
+
+    def spying_fit(**kwargs):
+        seen.append(GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv2d])
+        return real_fit(**kwargs)
+
+    monkeypatch.setattr(bench, "fit", spying_fit)
+    records = _run(tmp_path, "--models", "convnet", "--modes", "none,opacus_hooks,hooks", "--steps", "1",
+                   "--repeats", "1", "--batch-size", "16", "--physical-batch-size", "8", *TINY_CONVNET)
+    stock, ours = records[1], records[2]
+    assert (stock["mode"], ours["mode"]) == ("opacus_hooks", "hooks") and stock["status"] == ours["status"] == "ok"
+    # warm-up then one repeat, modes in order: none, opacus_hooks, hooks
+    assert seen[1] is grad_samplers.opacus_conv_grad_sample and seen[4] is grad_samplers.opacus_conv_grad_sample
+    assert seen[2] is grad_samplers.conv2d_grad_sample and seen[5] is grad_samplers.conv2d_grad_sample
+    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv2d] is grad_samplers.conv2d_grad_sample  # restored
+    assert stock["speedup_vs_hooks"] == pytest.approx(1.0)
+    assert ours["speedup_vs_hooks"] == pytest.approx(ours["samples_per_second"] / stock["samples_per_second"])
+    assert "| convnet | opacus_hooks |" in (tmp_path / "bench.md").read_text()
+
+
 def test_an_engine_that_raises_is_recorded_as_unsupported(tmp_path):
     """ExpandedWeights cannot differentiate ViT's expanded class token: a record, not a crash."""
     records = _run(tmp_path, "--models", "vit", "--modes", "none,ew", "--steps", "1", "--repeats", "1",

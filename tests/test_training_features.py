@@ -99,6 +99,15 @@ def test_ema_update_has_warmup():
     assert torch.allclose(ema[0], torch.full((3,), 0.9))
 
 
+def test_ema_copies_integer_and_bool_buffers():
+    """use_buffers=True hands buffers to the update too: a flag or a counter is copied, not lerped."""
+    ema = [torch.zeros(2), torch.tensor(False), torch.tensor(3)]
+    live = [torch.ones(2), torch.tensor(True), torch.tensor(7)]
+    training._ema_with_warmup(0.999)(ema, live, torch.tensor(0))
+    assert torch.allclose(ema[0], torch.full((2,), 0.9))
+    assert bool(ema[1]) and int(ema[2]) == 7
+
+
 def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
     """An interrupted run resumed from its checkpoint ends bit-identical to an
     uninterrupted one: same ε, same steps, no noise or batch drawn twice."""

@@ -77,13 +77,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure_backend(device: torch.device, *, tf32: bool = True) -> None:
+def configure_backend(device: torch.device, *, tf32: bool = True, reuse_cpu_memory: bool = True) -> None:
     """TF32 matmuls/convolutions on CUDA (Ampere and newer): faster, and DP noise dwarfs
-    its rounding. No effect on CPU."""
+    its rounding. On CPU, ``reuse_cpu_memory``: :func:`keep_freed_cpu_memory`."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = True
+    elif reuse_cpu_memory:
+        keep_freed_cpu_memory()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of unmapping it.
+
+    Per-example gradients are large short-lived blocks (ResNet-18, 64 examples: 2.8 GB
+    per physical batch). glibc serves each block over 32 MB with a fresh ``mmap`` and
+    returns it on free, so every step page-faults and zeroes gigabytes again; with
+    ``mmap`` off for malloc and no trimming, the blocks are reused. Measured (ResNet-18,
+    CPU, 1 thread, batch 64): 5.09 -> 4.07 s per DP step, non-private unchanged. The cost:
+    the process keeps its peak memory. Returns False where this is not glibc (no effect)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @torch.no_grad()
@@ -142,7 +168,7 @@ def average_augmented_copies(module: nn.Module, copies: int) -> None:
     for p in module.parameters():
         grad_sample = getattr(p, "grad_sample", None)
         if isinstance(grad_sample, torch.Tensor):
-            p.grad_sample = grad_sample.view(-1, copies, *grad_sample.shape[1:]).mean(1)
+            p.grad_sample = grad_sample.reshape(-1, copies, *grad_sample.shape[1:]).mean(1)
 
 
 def _ema_with_warmup(decay: float):
@@ -150,7 +176,13 @@ def _ema_with_warmup(decay: float):
     def update(ema_params, params, num_averaged):
         t = int(num_averaged)
         d = min(decay, (1 + t) / (10 + t))
-        torch._foreach_lerp_(list(ema_params), list(params), 1.0 - d)
+        pairs = list(zip(ema_params, params))
+        floating = [(e, p) for e, p in pairs if e.is_floating_point()]
+        if floating:
+            torch._foreach_lerp_([e for e, _ in floating], [p for _, p in floating], 1.0 - d)
+        for e, p in pairs:  # integer/bool buffers (counters, flags) are copied, not averaged
+            if not e.is_floating_point():
+                e.copy_(p)
     return update
 
 

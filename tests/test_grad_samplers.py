@@ -1,0 +1,96 @@
+"""dp_sweeps.grad_samplers: the faster stride-1 convolution sampler and the copy-free
+storage give exactly Opacus's per-example gradients, and are what Opacus runs."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule
+from opacus.grad_sample import grad_sample_module
+
+import dp_sweeps.privacy  # noqa: F401  (installs the samplers, as every training run does)
+from dp_sweeps.grad_samplers import (conv2d_grad_sample, fast_path_applies, opacus_conv_grad_sample,
+                                     opacus_store_grad_sample, store_grad_sample)
+
+# (in, out, kernel, padding, stride, groups, height, width, bias)
+SHAPES = [
+    (3, 4, 3, 1, 1, 1, 32, 32, True),     # the ConvNet's / ResNet's first layer
+    (8, 4, 3, 1, 1, 1, 16, 16, False),
+    (5, 3, 1, 0, 1, 1, 12, 9, True),       # 1x1
+    (4, 3, 5, 2, 1, 1, 11, 7, True),       # 5x5, odd sizes
+    (4, 3, 3, 0, 1, 1, 10, 7, True),       # no padding
+    (4, 3, (3, 5), (1, 2), 1, 1, 10, 12, True),  # non-square kernel
+    (4, 3, 3, 1, 2, 1, 12, 12, True),      # stride 2: Opacus's own path
+    (4, 4, 3, 1, 1, 2, 12, 12, True),      # groups: Opacus's own path
+]
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,padding,stride,groups,height,width,bias", SHAPES)
+def test_conv_sampler_equals_opacus(c_in, c_out, kernel, padding, stride, groups, height, width, bias):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(c_in, c_out, kernel, padding=padding, stride=stride, groups=groups, bias=bias)
+    x = torch.randn(6, c_in, height, width)
+    backprops = torch.randn_like(layer(x))
+    ours, theirs = conv2d_grad_sample(layer, [x], backprops), opacus_conv_grad_sample(layer, [x], backprops)
+    assert set(ours) == set(theirs)
+    for param in theirs:
+        assert ours[param].shape == (6, *param.shape)
+        torch.testing.assert_close(ours[param], theirs[param], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_is_taken_on_large_maps_only():
+    big = nn.Conv2d(3, 32, 3, padding=1)
+    assert fast_path_applies(big, torch.zeros(2, 3, 32, 32))
+    assert not fast_path_applies(big, torch.zeros(2, 3, 4, 4))           # 16 positions < 2 x 32 channels
+    assert not fast_path_applies(nn.Conv2d(3, 32, 3, stride=2), torch.zeros(2, 3, 32, 32))
+    assert not fast_path_applies(big, torch.zeros(0, 3, 32, 32))           # empty batch: Opacus's path
+
+
+def test_each_example_gets_its_own_gradient():
+    """Against autograd, one example at a time (not just against Opacus's formula)."""
+    torch.manual_seed(1)
+    layer = nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(4, 3, 9, 9)
+    target = torch.randn(4, 5, 9, 9)
+    out = layer(x)
+    backprops = 2 * (out - target).detach()  # d/d out of ((out - target)^2).sum()
+    samples = conv2d_grad_sample(layer, [x], backprops)
+    for i in range(4):
+        layer.zero_grad()
+        ((layer(x[i:i + 1]) - target[i:i + 1]) ** 2).sum().backward()
+        torch.testing.assert_close(samples[layer.weight][i], layer.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(samples[layer.bias][i], layer.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_storage_keeps_the_value_and_never_writes_into_the_sampler_output():
+    param = nn.Parameter(torch.zeros(3))
+    first, second = torch.randn(4, 3), torch.randn(4, 3)
+    kept = first.clone()
+    store_grad_sample(param=param, grad_sample=first, max_batch_len=4)
+    store_grad_sample(param=param, grad_sample=second, max_batch_len=4)  # a tied weight's second use
+    torch.testing.assert_close(param._current_grad_sample, kept + second)
+    assert torch.equal(first, kept)
+    shorter = nn.Parameter(torch.zeros(3))
+    store_grad_sample(param=shorter, grad_sample=first[:2], max_batch_len=4)  # zero-padded, as Opacus
+    torch.testing.assert_close(shorter._current_grad_sample, torch.cat([first[:2], torch.zeros(2, 3)]))
+
+
+def _tied_model_samples(store, monkeypatch) -> torch.Tensor:
+    monkeypatch.setattr(grad_sample_module, "create_or_accumulate_grad_sample", store)
+    torch.manual_seed(2)
+    shared = nn.Linear(4, 4)
+    model = GradSampleModule(nn.Sequential(shared, nn.Tanh(), shared))  # one weight, used twice
+    model(torch.randn(3, 4)).sum().backward()
+    return shared.weight.grad_sample
+
+
+def test_opacus_runs_them_and_a_tied_weight_gets_opacus_value(monkeypatch):
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_sample
+    assert grad_sample_module.create_or_accumulate_grad_sample is store_grad_sample
+    ours = _tied_model_samples(store_grad_sample, monkeypatch)
+    theirs = _tied_model_samples(opacus_store_grad_sample, monkeypatch)
+    assert opacus_store_grad_sample is not store_grad_sample
+    assert isinstance(ours, torch.Tensor) and ours.shape == (3, 4, 4)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
