@@ -11,7 +11,8 @@ from opacus import GradSampleModule
 from opacus.grad_sample import grad_sample_module
 
 import dp_sweeps.privacy  # noqa: F401  (installs the samplers, as every training run does)
-from dp_sweeps.grad_samplers import (conv2d_grad_sample, fast_path_applies, opacus_conv_grad_sample,
+from dp_sweeps.grad_samplers import (conv2d_grad_sample, conv2d_norm_sample, fast_path_applies,
+                                     opacus_conv_grad_sample,
                                      opacus_store_grad_sample, store_grad_sample)
 
 # (in, out, kernel, padding, stride, groups, height, width, bias)
@@ -94,3 +95,39 @@ def test_opacus_runs_them_and_a_tied_weight_gets_opacus_value(monkeypatch):
     assert opacus_store_grad_sample is not store_grad_sample
     assert isinstance(ours, torch.Tensor) and ours.shape == (3, 4, 4)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,padding,stride,groups,height,width,bias", SHAPES + [
+    (16, 32, 3, 1, 1, 1, 4, 4, True),      # a late, small map: the ghost (Gram) branch
+    (8, 16, 3, 1, 2, 1, 8, 8, False),      # strided, small: ghost branch with stride
+])
+def test_conv_norm_sampler_gives_the_per_example_gradient_norms(c_in, c_out, kernel, padding, stride, groups,
+                                                                height, width, bias):
+    torch.manual_seed(3)
+    layer = nn.Conv2d(c_in, c_out, kernel, padding=padding, stride=stride, groups=groups, bias=bias)
+    x = torch.randn(5, c_in, height, width)
+    backprops = torch.randn_like(layer(x))
+    norms = conv2d_norm_sample(layer, [x], backprops)
+    samples = opacus_conv_grad_sample(layer, [x], backprops)
+    assert set(norms) == set(samples)
+    for param, grads in samples.items():
+        torch.testing.assert_close(norms[param], grads.reshape(5, -1).norm(dim=1), rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_branch_is_taken_on_small_maps():
+    """The Gram-matrix branch must really run somewhere (else the test above covers one branch)."""
+    layer = nn.Conv2d(16, 32, 3, padding=1)
+    x = torch.randn(2, 16, 4, 4)
+    calls = []
+    real = torch.bmm
+
+    def counting_bmm(a, b, *args, **kwargs):
+        calls.append(tuple(a.shape))
+        return real(a, b, *args, **kwargs)
+
+    torch.bmm = counting_bmm
+    try:
+        conv2d_norm_sample(layer, [x], torch.randn(2, 32, 4, 4))
+    finally:
+        torch.bmm = real
+    assert (2, 16, 144) in calls and (2, 16, 32) in calls  # unfoldedᵀ x unfolded, backpropsᵀ x backprops

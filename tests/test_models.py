@@ -68,3 +68,31 @@ def test_model_sizes_match_the_architectures():
     assert 11.0e6 < count(create_model("resnet18")) < 11.3e6
     assert 6.9e6 < count(create_model("densenet121")) < 7.1e6
     assert 4.0e6 < count(create_model("efficientnet")) < 4.1e6
+
+
+def test_vit_token_embedding_matches_timm_and_needs_no_functorch():
+    """The class token and position embedding moved into TokenEmbedding: timm's outputs
+    with timm's weights, and per-example gradients from their own rule, equal to an
+    explicit per-example backward pass."""
+    from opacus import GradSampleModule
+    from timm.models.vision_transformer import VisionTransformer
+
+    from dp_sweeps.models.vit import DPVisionTransformer, TokenEmbedding
+
+    settings = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=16, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    timm_model = VisionTransformer(**settings)
+    ours = DPVisionTransformer(**settings)
+    renamed = {("token_embed." + k if k in ("cls_token", "pos_embed") else k): v
+               for k, v in timm_model.state_dict().items()}
+    ours.load_state_dict(renamed)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(ours(x), timm_model(x))
+    assert list(ours.parameters(recurse=False)) == []  # nothing left for a whole-model functorch pass
+    assert TokenEmbedding in GradSampleModule.GRAD_SAMPLERS
+    wrapped = GradSampleModule(ours, loss_reduction="sum")
+    wrapped(x).sum().backward()
+    for i in range(4):
+        expected = torch.autograd.grad(timm_model(x[i:i + 1]).sum(), [timm_model.cls_token, timm_model.pos_embed])
+        torch.testing.assert_close(ours.token_embed.cls_token.grad_sample[i], expected[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours.token_embed.pos_embed.grad_sample[i], expected[1], rtol=1e-4, atol=1e-6)

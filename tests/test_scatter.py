@@ -121,12 +121,18 @@ def test_model_sizes_and_bad_settings():
 def test_experiments_carry_the_published_settings(experiment, model):
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.model.name == model and dict(cfg.model.features) == SPEC
-    assert cfg.model.norm == "group" and cfg.model.norm_groups == 27
+    if model == "scatter_linear":  # the paper's DP data normalisation, σ = 8, and an EMA for evaluation
+        assert cfg.model.norm == "data" and cfg.model.data_norm.noise_multiplier == 8.0
+        assert cfg.trainer.ema_decay == 0.999
+    else:
+        assert cfg.model.norm == "group" and cfg.model.norm_groups == 27
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (4.0, 0.9)
     assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.max_grad_norm) == (3.0, 1e-5, 0.1)
     assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.data.augment) == (8192, 60, False)
-    plan = plan_privacy(cfg.privacy, num_train=50_000, batch_size=cfg.trainer.batch_size, epochs=cfg.trainer.epochs)
+    prior = ((8.0, 1.0, 2),) if cfg.model.norm == "data" else ()
+    plan = plan_privacy(cfg.privacy, num_train=50_000, batch_size=cfg.trainer.batch_size, epochs=cfg.trainer.epochs,
+                        prior_releases=prior)
     assert plan.sample_rate == pytest.approx(1 / 7) and plan.steps == 420
     assert 2.9 < plan.planned_epsilon <= 3.0 + 0.01
 

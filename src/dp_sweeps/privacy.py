@@ -240,12 +240,13 @@ def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
 # Fastest correct engine per model, measured by `make bench` on CPU (torch 2.14.1, Opacus 1.6.0,
 # physical batch 64; median samples/s, relative to hooks in the same process). Another engine
 # replaces hooks only when >= 10% faster (smaller gaps were noise) and when it runs every
-# physical batch size a Poisson batch can produce. Not measured on GPU (see README, "Speed").
+# physical batch size a Poisson batch can produce. "hooks" is Opacus's hooks engine with
+# dp_sweeps.grad_samplers installed. Not measured on GPU (see README, "Speed").
 AUTO_GRAD_SAMPLE_MODE: dict[str, str] = {
     "convnet": "hooks",         # ew 0.93x, ghost 0.83x, functorch 0.85x of hooks
-    "resnet18": "ew",           # 1.31x hooks (ghost 0.93x, functorch 0.69x)
+    "resnet18": "hooks",        # 1.27x Opacus's stock hooks; ew 0.88x, ghost 0.80x of ours
     "efficientnet": "functorch",  # 9.8x hooks: hooks/ew/ghost expand depthwise convs to full ones
-    "vit": "hooks",             # functorch 1.06x (noise; hooks already vmaps the token parameters)
+    "vit": "hooks",             # functorch 0.76x (TokenEmbedding has its own rule: no whole-model vmap)
     "densenet121": "hooks",     # ew 1.01x, and it fails on physical batches < 32 examples (concatenations)
     # ScatterNet heads (batch 8192, physical 1024, 2 threads): a linear layer's per-example
     # gradient norm is ‖a‖·‖b‖, so ghost clipping never builds the 155k-wide per-example
