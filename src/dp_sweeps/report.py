@@ -325,12 +325,8 @@ def plot_accuracy_vs_epsilon(table: pd.DataFrame, path: str | Path) -> Path | No
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
-    fig.text(0.01, 0.01, "Each ε is the run's own; the cost of choosing hyperparameters is not included.",
-             fontsize=6.5, color="0.35")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save_with_footnote(fig, "Each ε is the run's own; the cost of choosing hyperparameters is not included.",
+                               path)
 
 
 def plot_pareto(table: pd.DataFrame, study: str, path: str | Path) -> Path | None:
@@ -375,8 +371,13 @@ def plot_pareto(table: pd.DataFrame, study: str, path: str | Path) -> Path | Non
     ax.set_title(f"Privacy-accuracy frontier: study {study}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.text(0.01, 0.01, "Each ε is the trial's own; the privacy cost of the search itself is not included.",
-             fontsize=6.5, color="0.35")
+    return _save_with_footnote(fig, "Each ε is the trial's own; the privacy cost of the search itself is not included.",
+                               path)
+
+
+def _save_with_footnote(fig, footnote: str, path: str | Path) -> Path:
+    """Every plot carries a footnote on what its ε does not include."""
+    fig.text(0.01, 0.01, footnote, fontsize=6.5, color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
     fig.savefig(path)
