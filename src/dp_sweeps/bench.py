@@ -196,7 +196,7 @@ def run_fit(*, cfg: DictConfig, data: ImageData, device: torch.device,
     settings = replace(loop_settings(cfg, grad_sample_mode=mode), epochs=1, progress=False,
                        checkpoint_every=0, resume=False)
     configure_backend(device, tf32=cfg.trainer.get("tf32", True),
-                      reuse_cpu_memory=cfg.trainer.get("reuse_cpu_memory", True))
+                      reuse_cpu_memory=cfg.trainer.get("reuse_cpu_memory", False))
     with warnings.catch_warnings(), (grad_samplers.stock_opacus() if stock_opacus else contextlib.nullcontext()):
         warnings.simplefilter("ignore")  # Opacus's secure-RNG and functorch batching hints
         outcome = fit(model=model, optimizer=optimizer, data=data, plan=plan, settings=settings, device=device)

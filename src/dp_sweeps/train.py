@@ -179,7 +179,7 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     configure_backend(device, tf32=cfg.trainer.get("tf32", True),
-                      reuse_cpu_memory=cfg.trainer.get("reuse_cpu_memory", True))
+                      reuse_cpu_memory=cfg.trainer.get("reuse_cpu_memory", False))
     settings = loop_settings(cfg, grad_sample_mode=grad_sample_mode or "hooks")
     identity = {key: result.get(key) for key in ckpt.PRIVACY_KEYS}
     # A resumed run rewrites metrics.csv from its checkpoint's history (rows written after
