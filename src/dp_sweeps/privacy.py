@@ -30,7 +30,7 @@ from dp_sweeps.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-grad_samplers.install()  # stride-1 convolutions without im2col copies (same gradients, faster)
+grad_samplers.install()  # faster per-example gradients and norms for Opacus (same values)
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 
@@ -92,20 +92,22 @@ def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delt
     """ε after ``prior`` releases then ``steps`` Poisson-sampled Gaussian steps, from an
     Opacus accountant."""
     check_prior_releases(prior, accountant)
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [*map(tuple, prior), (noise_multiplier, sample_rate, steps)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" hint
-        return float(acc.get_epsilon(delta=delta))
+    return _ledger_epsilon([*map(tuple, prior), (noise_multiplier, sample_rate, steps)], delta=delta,
+                           accountant=accountant)
 
 
 def prior_epsilon(prior: tuple[tuple[float, float, int], ...], *, delta: float, accountant: str = "prv") -> float:
     """ε of the releases before training alone."""
     check_prior_releases(prior, accountant)
+    return _ledger_epsilon([*map(tuple, prior)], delta=delta, accountant=accountant)
+
+
+def _ledger_epsilon(history: list, *, delta: float, accountant: str) -> float:
+    """ε of an Opacus accountant history ``[(σ, q, steps), ...]``."""
     acc = create_accountant(mechanism=accountant)
-    acc.history = [*map(tuple, prior)]
+    acc.history = history
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" hint
         return float(acc.get_epsilon(delta=delta))
 
 
