@@ -1,8 +1,10 @@
 """dp_sweeps.grad_samplers: the faster stride-1 convolution sampler and the copy-free
-storage give exactly Opacus's per-example gradients, and are what Opacus runs."""
+storage give exactly Opacus's per-example gradients, and are what Opacus runs; the
+hooks engine skips autograd's summed gradients and still takes Opacus's exact step."""
 
 from __future__ import annotations
 
+import contextlib
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ SHAPES = [
     (4, 3, (3, 5), (1, 2), 1, 1, 10, 12, True),  # non-square kernel
     (4, 3, 3, 1, 2, 1, 12, 12, True),      # stride 2: Opacus's own path
     (4, 4, 3, 1, 1, 2, 12, 12, True),      # groups: Opacus's own path
+    (4, 4, 3, 1, 1, 4, 12, 12, True),      # depthwise
+    (6, 6, 5, 2, 2, 6, 15, 16, False),     # depthwise 5x5, stride 2 (EfficientNet's)
+    (3, 6, 3, 1, 2, 3, 9, 9, True),        # depthwise, channel multiplier 2
 ]
 
 
@@ -39,6 +44,20 @@ def test_conv_sampler_equals_opacus(c_in, c_out, kernel, padding, stride, groups
     for param in theirs:
         assert ours[param].shape == (6, *param.shape)
         torch.testing.assert_close(ours[param], theirs[param], rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_path_is_taken_and_dilation_matches():
+    from dp_sweeps.grad_samplers import depthwise_grad_sample, is_depthwise
+
+    x = torch.randn(3, 4, 10, 9)
+    assert not is_depthwise(nn.Conv2d(4, 4, 3, groups=2), x)
+    for stride in (1, 2):  # one depthwise convolution / products on strided views
+        layer = nn.Conv2d(4, 8, 3, padding=2, dilation=2, stride=stride, groups=4)
+        assert is_depthwise(layer, x)
+        backprops = torch.randn_like(layer(x))
+        ours, theirs = depthwise_grad_sample(layer, x, backprops), opacus_conv_grad_sample(layer, [x], backprops)
+        for param in theirs:
+            torch.testing.assert_close(ours[param], theirs[param], rtol=1e-5, atol=1e-5)
 
 
 def test_fast_path_is_taken_on_large_maps_only():
@@ -131,3 +150,52 @@ def test_ghost_branch_is_taken_on_small_maps():
     finally:
         torch.bmm = real
     assert (2, 16, 144) in calls and (2, 16, 32) in calls  # unfoldedᵀ x unfolded, backpropsᵀ x backprops
+
+
+def _hooks_step(model_name: str, kwargs: dict, *, stock: bool):
+    """A private step's p.grad (clipped, noised) and which parameters autograd filled."""
+    from dp_sweeps.grad_samplers import stock_opacus
+    from dp_sweeps.models import create_model
+    from dp_sweeps.privacy import PrivacyPlan, make_private
+
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=10, **kwargs)
+    plan = PrivacyPlan(private=True, accountant="rdp", delta=1e-5, max_grad_norm=0.5, noise_multiplier=1.0,
+                       sample_rate=1.0, steps_per_epoch=1, steps=1, target_epsilon=None, planned_epsilon=None,
+                       poisson_sampling=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=8)
+    with stock_opacus() if stock else contextlib.nullcontext():
+        _, module, optimizer, criterion, _ = make_private(
+            plan=plan, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks", noise_generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    criterion(module(x), y).backward()
+    filled = {name for name, p in module.named_parameters() if p.grad is not None}
+    optimizer.pre_step()
+    return module, [p.grad.clone() for p in module.parameters()], filled
+
+
+@pytest.mark.parametrize("model_name,kwargs", [
+    ("resnet18", dict(width=8, blocks_per_stage=(1, 1, 1, 1))),
+    ("vit", dict(embed_dim=16, depth=1, num_heads=2)),
+])
+def test_hooks_engine_skips_the_summed_gradients_and_gives_opacus_step(model_name, kwargs):
+    module, ours, filled = _hooks_step(model_name, kwargs, stock=False)
+    _, theirs, stock_filled = _hooks_step(model_name, kwargs, stock=True)
+    layers = {name for name, m in module._module.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+    weights = {f"_module.{name}.weight" for name in layers}
+    # Opacus as shipped: autograd fills every parameter's summed gradient (thrown away later).
+    assert weights <= stock_filled
+    # Ours: only layers whose input carries no graph (the first one) still get it.
+    assert len(weights & filled) == 1, sorted(weights & filled)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_summed_gradients_come_back_when_the_hooks_are_off():
+    module, _, _ = _hooks_step("resnet18", dict(width=8, blocks_per_stage=(1, 1, 1, 1)), stock=False)
+    module.disable_hooks()
+    module.zero_grad(set_to_none=True)
+    module(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in module.parameters())

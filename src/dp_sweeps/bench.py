@@ -313,7 +313,8 @@ def markdown_table(records: list[dict]) -> str:
                   f"relative to privacy=none for the same model (1.00 = no overhead). "
                   f"Peak memory: {first['memory_method']}.", "",
                   f"{STOCK_HOOKS}: Opacus's hooks engine as shipped; hooks: the same engine with "
-                  f"dp_sweeps.grad_samplers (same gradients). Speed-up: vs {STOCK_HOOKS} where measured.", "",
+                  f"dp_sweeps.grad_samplers and dp_sweeps.bookkeeping (same clipped, noised gradients). "
+                  f"Speed-up: vs {STOCK_HOOKS} where measured.", "",
                   "| model | mode | samples/s | DP/non-private time | speed-up vs hooks | peak MiB | "
                   "auto picks | batch (physical) | steps x repeats | load avg | note |",
                   "|---|---|---:|---:|---:|---:|---|---|---|---|---|"]

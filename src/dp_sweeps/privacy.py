@@ -25,7 +25,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from dp_sweeps import grad_samplers
+from dp_sweeps import bookkeeping, grad_samplers
 from dp_sweeps.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -240,19 +240,21 @@ def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
 
 
 # Fastest correct engine per model, measured by `make bench` on CPU (torch 2.14.1, Opacus 1.6.0,
-# physical batch 64; median samples/s, relative to hooks in the same process). Another engine
+# 1 thread, logical batch 256, physical 64; median samples/s in one process). Another engine
 # replaces hooks only when >= 10% faster (smaller gaps were noise) and when it runs every
 # physical batch size a Poisson batch can produce. "hooks" is Opacus's hooks engine with
-# dp_sweeps.grad_samplers installed. Not measured on GPU (see README, "Speed").
+# dp_sweeps.grad_samplers and dp_sweeps.bookkeeping (book-keeping clipping). Figures: DP /
+# non-private time per sample, and speed-up over Opacus's hooks as shipped. Not measured on
+# GPU (see README, "Speed").
 AUTO_GRAD_SAMPLE_MODE: dict[str, str] = {
-    "convnet": "hooks",         # ew 0.93x, ghost 0.83x, functorch 0.85x of hooks
-    "resnet18": "hooks",        # 1.27x Opacus's stock hooks; ew 0.88x, ghost 0.80x of ours
-    "efficientnet": "functorch",  # 9.8x hooks: hooks/ew/ghost expand depthwise convs to full ones
-    "vit": "hooks",             # functorch 0.76x (TokenEmbedding has its own rule: no whole-model vmap)
-    "densenet121": "hooks",     # ew 1.01x, and it fails on physical batches < 32 examples (concatenations)
+    "convnet": "hooks",         # 1.62x (stock 2.63x); ew, ghost, functorch were slower before book-keeping
+    "resnet18": "hooks",        # 1.42x (stock 3.61x), 1.0 GB vs 3.7 GB; ew, ghost slower
+    "efficientnet": "hooks",    # 1.46x with the depthwise sampler; functorch 3.07x (stock hooks ~25x)
+    "vit": "hooks",             # 1.56x (stock 2.16x); functorch 2.21x
+    "densenet121": "hooks",     # 1.66x at batch 64 (stock 2.31x); ew fails on batches < 32 examples
     # ScatterNet heads (batch 8192, physical 1024, 2 threads): a linear layer's per-example
     # gradient norm is ‖a‖·‖b‖, so ghost clipping never builds the 155k-wide per-example
-    # gradients: 11,000 vs 1,400 samples/s. The CNN head: ghost 0.92x of hooks.
+    # gradients: 11,000 vs 1,400 samples/s (hooks before book-keeping). The CNN head: ghost 0.92x of hooks.
     "scatter_linear": "ghost",
 }
 
@@ -278,6 +280,10 @@ def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch
         module, optimizer, criterion, loader = wrapped
     else:
         module, optimizer, loader = wrapped
+    if grad_sample_mode == "hooks":  # same values, less work (dp_sweeps.grad_samplers / .bookkeeping)
+        grad_samplers.skip_summed_gradients(module)
+        if not grad_samplers.stock_opacus_active():
+            bookkeeping.enable_bookkeeping(module, optimizer)
     # Releases made before training are the first entries of the run's privacy ledger.
     engine.accountant.history = [*map(tuple, plan.prior_releases)]
     sample_rate = 1.0 / len(loader)

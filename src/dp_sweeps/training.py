@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dp_sweeps import checkpoint as ckpt
 from dp_sweeps import distributed
+from dp_sweeps.bookkeeping import FactoredGradSample
 from dp_sweeps.data import ImageData, random_crop_flip
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
@@ -167,9 +168,13 @@ def _physical_batches(loader: DataLoader, *, cap: int, private: bool,
 def average_augmented_copies(module: nn.Module, copies: int) -> None:
     """Augmentation multiplicity (De et al. 2022): each example enters the batch as
     ``copies`` augmented views; average their per-example gradients *before* clipping,
-    so each example still contributes one gradient of norm ≤ C (sensitivity unchanged)."""
+    so each example still contributes one gradient of norm ≤ C (sensitivity unchanged).
+    Factored gradients (book-keeping clipping) are built first: the norm of an average is
+    not the average of the copies' norms."""
     for p in module.parameters():
         grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, FactoredGradSample):
+            grad_sample = grad_sample.materialize()
         if isinstance(grad_sample, torch.Tensor):
             p.grad_sample = grad_sample.reshape(-1, copies, *grad_sample.shape[1:]).mean(1)
 
