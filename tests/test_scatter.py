@@ -123,9 +123,10 @@ def test_experiments_carry_the_published_settings(experiment, model):
     assert cfg.model.name == model and dict(cfg.model.features) == SPEC
     if model == "scatter_linear":  # the paper's DP data normalisation, σ = 8, and an EMA for evaluation
         assert cfg.model.norm == "data" and cfg.model.data_norm.noise_multiplier == 8.0
-        assert cfg.trainer.ema_decay == 0.999
     else:
         assert cfg.model.norm == "group" and cfg.model.norm_groups == 27
+    # Our post-processing on both: EMA weights, evaluated with test-time flip averaging.
+    assert cfg.trainer.ema_decay == 0.999 and cfg.trainer.eval_flip is True
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (4.0, 0.9)
     assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.max_grad_norm) == (3.0, 1e-5, 0.1)
@@ -147,7 +148,8 @@ def test_tiny_private_run_on_scattering_features(name, tiny_cifar, feature_cache
     assert result["steps"] == 16 and 0 < result["epsilon"] <= 8.0
     assert result["max_grad_norm"] == 0.1
     assert result["test_accuracy"] > 0.3  # the tiny set is learnable; chance is 0.1
-    assert len(list(feature_cache.glob("scattering-*.pt"))) == 2  # train and test, shared by both runs
+    # train, test and the mirrored test images (trainer.eval_flip), shared by both runs
+    assert len(list(feature_cache.glob("scattering-*.pt"))) == 3
 
 
 def test_apply_feature_map_replaces_every_split(tiny_cifar, feature_cache):

@@ -15,6 +15,7 @@ from dp_sweeps.checkpoint import checkpoint_path, load_checkpoint
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
 from dp_sweeps.train import train
+from tests.conftest import compose_config, tiny_overrides
 
 
 def _plan(*, sigma: float, clip: float, n: int, batch: int) -> PrivacyPlan:
@@ -170,3 +171,55 @@ def test_cpu_memory_reuse_is_opt_in(tiny_cfg, monkeypatch):
     assert calls == []
     training.configure_backend(torch.device("cpu"), reuse_cpu_memory=True)
     assert calls == [1]
+
+
+def test_eval_flip_scores_the_mean_of_the_two_logits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(50, 3, 2, 2), torch.randint(0, 3, (50,))
+    mirror = x.flip(-1)
+    loss, accuracy = training.evaluate(model, x, y, batch_size=16, x_mirror=mirror)
+    with torch.no_grad():
+        logits = (model(x) + model(mirror)) / 2
+    assert accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert training.evaluate(model, x, y)[1] != accuracy or not torch.equal(model(x), logits)
+
+
+def test_eval_flip_run_evaluates_the_mirrored_images(tiny_cfg, tmp_path, monkeypatch):
+    seen = []
+    real_evaluate = training.evaluate
+
+    def spy(model, x, y, **kw):
+        seen.append((x, kw.get("x_mirror")))
+        return real_evaluate(model, x, y, **kw)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    result = train(tiny_cfg("trainer.eval_flip=true", "data.val_size=32"), tmp_path)
+    assert result["status"] == "completed"
+    assert len(seen) == 2  # val and test, one epoch
+    for x, mirror in seen:
+        assert mirror is not None and torch.equal(mirror, x.flip(-1))
+
+
+def test_eval_flip_mirrors_go_through_the_feature_map():
+    from dp_sweeps.data import ImageData
+    from dp_sweeps.features import apply_feature_map, compute_features
+
+    torch.manual_seed(0)
+    data = ImageData(train_x=torch.randn(4, 3, 32, 32), train_y=torch.zeros(4, dtype=torch.long),
+                     val_x=torch.randn(0, 3, 32, 32), val_y=torch.zeros(0, dtype=torch.long),
+                     test_x=torch.randn(5, 3, 32, 32), test_y=torch.zeros(5, dtype=torch.long), num_classes=10)
+    mapped = apply_feature_map(data.with_mirrors(), {"name": "pixels", "size": 8, "grey": True})
+    assert mapped.test_x.shape == mapped.test_x_mirror.shape == (5, 1, 8, 8)
+    torch.testing.assert_close(mapped.test_x_mirror, compute_features("pixels", data.test_x.flip(-1),
+                                                                      {"size": 8, "grey": True}))
+    assert apply_feature_map(data, {"name": "pixels", "size": 8}).test_x_mirror is None  # off: nothing added
+
+
+def test_eval_flip_bad_input_is_refused(tiny_cfg, tiny_cifar, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.eval_flip='yes' must be true or false"):
+        train(tiny_cfg("trainer.eval_flip=yes"), tmp_path)
+    with pytest.raises(ConfigError, match="classical classifier"):
+        train(compose_config(tiny_overrides(tiny_cifar) + ["model=naive_bayes", "trainer.eval_flip=true"]), tmp_path)
+    assert not (tmp_path / "result.json").exists()

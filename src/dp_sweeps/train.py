@@ -115,6 +115,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     device = resolve_device(device_name)
     data = load_data(cfg.data)
     validate_against_data(cfg, num_train=data.num_train)
+    if cfg.trainer.get("eval_flip"):  # mirrored val/test images (mapped to features below too)
+        data = data.with_mirrors()
     # A fixed, data-independent feature map (model.features): no privacy cost; cached.
     features = cfg.model.get("features")
     if features:

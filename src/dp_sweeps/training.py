@@ -119,9 +119,11 @@ def keep_freed_cpu_memory() -> bool:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
              memory_format: torch.memory_format = torch.contiguous_format,
-             criterion: Optional[nn.Module] = None) -> tuple[float, float]:
+             criterion: Optional[nn.Module] = None, x_mirror: Optional[torch.Tensor] = None) -> tuple[float, float]:
     """Mean loss (the training criterion, cross-entropy by default) and accuracy of
-    ``model`` on (x, y); (nan, nan) if empty."""
+    ``model`` on (x, y); (nan, nan) if empty. With ``x_mirror`` (the inputs of the
+    mirrored images) the prediction is the mean of the two logits (test-time flip
+    averaging: post-processing of the trained model, no privacy cost)."""
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     if len(y) == 0:
         return math.nan, math.nan
@@ -130,6 +132,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
         logits = model(x[start:start + batch_size].contiguous(memory_format=memory_format))
+        if x_mirror is not None:
+            logits = (logits + model(x_mirror[start:start + batch_size].contiguous(memory_format=memory_format))) / 2
         target = y[start:start + batch_size]
         loss_sum += criterion(logits, target).item() * len(target)
         correct += (logits.argmax(1) == target).sum().item()
@@ -334,10 +338,10 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                "train_accuracy": correct / seen if seen else math.nan, "epsilon": outcome.epsilon}
         row["val_loss"], row["val_accuracy"] = evaluate(eval_model, data.val_x, data.val_y,
                                                         batch_size=settings.eval_batch_size, memory_format=memory_format,
-                                                        criterion=eval_criterion)
+                                                        criterion=eval_criterion, x_mirror=data.val_x_mirror)
         row["test_loss"], row["test_accuracy"] = evaluate(eval_model, data.test_x, data.test_y,
                                                           batch_size=settings.eval_batch_size, memory_format=memory_format,
-                                                          criterion=eval_criterion)
+                                                          criterion=eval_criterion, x_mirror=data.test_x_mirror)
         row["seconds"] = time.perf_counter() - epoch_start
         outcome.history.append(row)
         if metrics is not None and rank == 0:

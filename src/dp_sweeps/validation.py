@@ -81,6 +81,11 @@ def validate_config(cfg: DictConfig) -> None:
                        low_open=False, integer=True)
     require_number("trainer.eval_batch_size", trainer.eval_batch_size, low=1, low_open=False, integer=True)
     require_number("trainer.augmult", trainer.get("augmult", 1), low=1, low_open=False, integer=True)
+    if not isinstance(trainer.get("eval_flip", False), bool):
+        raise ConfigError(f"trainer.eval_flip={trainer.eval_flip!r} must be true or false")
+    if trainer.get("eval_flip") and cfg.model.get("family", "deep") == "classical":
+        raise ConfigError(f"trainer.eval_flip=true: model={cfg.model.name} is a classical classifier, "
+                          "which evaluates without it; set trainer.eval_flip=false")
     if trainer.get("ema_decay") is not None:
         require_number("trainer.ema_decay", trainer.ema_decay, low=0, high=1, low_open=False, high_open=False)
     require_number("trainer.checkpoint_every", trainer.get("checkpoint_every") or 0, low=0, low_open=False,

@@ -91,7 +91,10 @@ def apply_feature_map(data: ImageData, spec: Optional[Mapping], *, cache_dir: Op
         return data
     spec = dict(spec)
     name = spec.pop("name")
-    return ImageData(train_x=compute_features(name, data.train_x, spec, cache_dir=cache_dir), train_y=data.train_y,
-                     val_x=compute_features(name, data.val_x, spec, cache_dir=cache_dir), val_y=data.val_y,
-                     test_x=compute_features(name, data.test_x, spec, cache_dir=cache_dir), test_y=data.test_y,
-                     num_classes=data.num_classes)
+
+    def mapped(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else compute_features(name, x, spec, cache_dir=cache_dir)
+
+    return ImageData(train_x=mapped(data.train_x), train_y=data.train_y, val_x=mapped(data.val_x), val_y=data.val_y,
+                     test_x=mapped(data.test_x), test_y=data.test_y, num_classes=data.num_classes,
+                     val_x_mirror=mapped(data.val_x_mirror), test_x_mirror=mapped(data.test_x_mirror))
