@@ -47,7 +47,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.tensor_utils import unfold2d
 
 __all__ = ["BookkeepingDPOptimizer", "FactoredGradSample", "enable_bookkeeping", "factored_grad_sample",
-           "factoring_pays"]
+           "factoring_pays", "gram_squared_norms"]
 
 # Marks layers whose samplers may return factored gradients (set by enable_bookkeeping).
 _FLAG = "_dp_sweeps_bookkeeping"
@@ -79,7 +79,7 @@ class FactoredGradSample(torch.Tensor):
         scaled = self.backprops * factors.to(self.backprops.dtype).reshape(-1, *[1] * (self.backprops.dim() - 1))
         layer = self.layer
         if self.param_name == "bias":
-            return scaled.sum(dim=0).reshape(scaled.shape[1], -1).sum(dim=1) if type(layer) is nn.Conv2d \
+            return scaled.sum(dim=(0, 2, 3)) if type(layer) is nn.Conv2d \
                 else scaled.reshape(-1, scaled.shape[-1]).sum(dim=0)
         if type(layer) is nn.Conv2d:
             return torch.nn.grad.conv2d_weight(self.activations.to(scaled.dtype), layer.weight.shape, scaled,
@@ -95,10 +95,12 @@ class FactoredGradSample(torch.Tensor):
         return sampler(self.layer, [self.activations], self.backprops)[getattr(self.layer, self.param_name)]
 
 
-def _positions_and_width(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> tuple[int, int]:
+def _positions_and_widths(layer: nn.Module, backprops: torch.Tensor) -> tuple[int, int, int]:
+    """(T, d, O): positions per example, input width, output width."""
     if type(layer) is nn.Conv2d:
-        return backprops[0, 0].numel(), (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
-    return backprops[0, ..., 0].numel(), layer.in_features
+        width = (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
+        return backprops[0, 0].numel(), width, layer.out_channels
+    return backprops[0, ..., 0].numel(), layer.in_features, layer.out_features
 
 
 def factoring_pays(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> bool:
@@ -112,12 +114,11 @@ def factoring_pays(layer: nn.Module, activations: torch.Tensor, backprops: torch
             return False
     elif type(layer) is not nn.Linear:
         return False
-    positions, width = _positions_and_width(layer, activations, backprops)
-    return positions * (width + backprops.shape[1 if type(layer) is nn.Conv2d else -1]) < width * (
-        layer.out_channels if type(layer) is nn.Conv2d else layer.out_features)
+    positions, d, o = _positions_and_widths(layer, backprops)
+    return positions * (d + o) < d * o
 
 
-def _gram_squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gram_squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_{t,t'} (a_t·a_t')(b_t·b_t') per example; a: N x T x d, b: N x T x O."""
     if a.shape[1] == 1:
         return a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
@@ -140,7 +141,7 @@ def factored_grad_sample(layer: nn.Module, activations: List[torch.Tensor],
         a, b = x.reshape(n, -1, x.shape[-1]), backprops.reshape(n, -1, backprops.shape[-1])
     result: Dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        norms = _gram_squared_norms(a, b).clamp(min=0).sqrt()
+        norms = gram_squared_norms(a, b).clamp(min=0).sqrt()
         result[layer.weight] = FactoredGradSample.create(norms, layer, "weight", x, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
         result[layer.bias] = FactoredGradSample.create(b.sum(dim=1).norm(2, dim=1), layer, "bias", x, backprops)
@@ -157,8 +158,7 @@ class _BookkeepingMixin:
         for p in self.params:  # several backward passes before a step: build the gradients
             if isinstance(p.grad_sample, list):
                 p.grad_sample = [g.materialize() if isinstance(g, FactoredGradSample) else g for g in p.grad_sample]
-        samples = [p.grad_sample if isinstance(p.grad_sample, torch.Tensor) else self._get_flat_grad_sample(p)
-                   for p in self.params]
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
         if len(samples[0]) == 0:
             factors = torch.zeros((0,), device=samples[0].device)
         else:

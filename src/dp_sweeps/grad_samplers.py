@@ -65,7 +65,7 @@ from opacus.grad_sample.linear import compute_linear_grad_sample as opacus_linea
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from opacus.utils.tensor_utils import unfold2d
 
-from dp_sweeps.bookkeeping import FactoredGradSample, factored_grad_sample
+from dp_sweeps.bookkeeping import FactoredGradSample, factored_grad_sample, gram_squared_norms
 
 # Opacus's own storage function, kept for the tests' comparison (install() replaces it).
 opacus_store_grad_sample = _opacus_hooks.create_or_accumulate_grad_sample
@@ -224,9 +224,7 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor],
         if positions * (unfolded_size + layer.out_channels) < unfolded_size * layer.out_channels:
             unfolded = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
                                 dilation=layer.dilation)                       # N x d x T
-            gram_a = torch.bmm(unfolded.transpose(1, 2), unfolded)              # N x T x T
-            gram_b = torch.bmm(backprops.transpose(1, 2), backprops)
-            squared = (gram_a * gram_b).sum(dim=(1, 2))
+            squared = gram_squared_norms(unfolded.transpose(1, 2), backprops.transpose(1, 2))
         else:
             samples = build_conv2d_grad_sample(layer, activations, output_gradient)
             squared = samples[layer.weight].reshape(n, -1).pow(2).sum(1)
@@ -295,8 +293,7 @@ def skip_summed_gradients(grad_sample_module: GradSampleModule) -> int:
     the parameters), and only while the hooks are enabled: with them disabled the layer
     trains as usual. Not for ghost clipping, whose second backward needs the sums.
     """
-    if (_stock_opacus or type(grad_sample_module) is not GradSampleModule
-            or grad_sample_module.force_functorch):
+    if type(grad_sample_module) is not GradSampleModule or grad_sample_module.force_functorch:
         return 0
     changed = 0
     for layer in grad_sample_module._module.modules():
