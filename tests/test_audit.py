@@ -1,6 +1,8 @@
 """The empirical audit: its statistics against closed forms, its canary runs through the
 real mechanism, an honest mechanism passing and a broken one (half the noise, the full
-noise's ε claimed) caught."""
+noise's ε claimed) caught; the convnet audit's runs going through the project's training
+path (make_private, auto engine, book-keeping, Poisson loader) and an honest path passing
+it. Its power against a book-keeping bug: tests/test_audit_mutation.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from dp_sweeps.audit import audit_mechanism, canary_scores, main, one_run_audit
+from dp_sweeps.audit import (audit_mechanism, canary_scores, convnet_audit, convnet_canary_scores,
+                             honest_likelihood_ratio, main, one_run_audit)
 from dp_sweeps.audit_stats import (clopper_pearson_lower, clopper_pearson_upper, gdp_epsilon, one_run_epsilon_lower,
                                    one_run_p_value, threshold_audit)
 from dp_sweeps.privacy import epsilon_for
@@ -96,8 +99,67 @@ def test_one_run_audit_bounds_stay_below_the_claim():
 
 def test_cli_exit_status_reports_a_missed_broken_control(capsys):
     """Too few runs to catch the broken mechanism: the command says so and exits 1."""
-    status = main(["--epsilons", "2", "--broken-epsilons", "2", "--runs", "500"])
+    status = main(["--audits", "linear", "--epsilons", "2", "--broken-epsilons", "2", "--runs", "500"])
     out = capsys.readouterr()
     assert status == 1
     assert "broken control(s) not caught" in out.err
     assert "claimed" in out.out and out.out.count("many-run") == 2
+
+
+# The convnet audit's settings in these tests and in tests/test_audit_mutation.py (plan: q = 1/3, 3 steps).
+CONVNET_AUDIT = dict(target_epsilon=2.0, runs=1000, num_train=12, batch_size=4, epochs=1, seed=0, noise_seed=0)
+
+
+def test_convnet_canary_scores_come_from_the_training_path():
+    """The auto engine (hooks) with book-keeping factoring every trained layer, the plan's
+    q and steps, and step scores as the docstring says: the canary adds its clipped
+    gradient (1 in units of C) when Poisson-sampled (mean q per step), noise std σ."""
+    scores = convnet_canary_scores(runs=150, target_epsilon=2.0, seed=0, noise_seed=0)
+    plan = scores["plan"]
+    assert scores["engine"] == "hooks" and plan.poisson_sampling and plan.private
+    assert plan.sample_rate == pytest.approx(1 / 3) and plan.steps == 3
+    assert plan.planned_epsilon == pytest.approx(2.0, abs=0.02)
+    assert scores["factored"] == ["10.weight", "12.weight", "16.weight", "18.weight"]  # last stage + head
+    assert scores["trainable"] == scores["factored"] and scores["factored_share"] == pytest.approx(1.0)
+    assert scores["min_canary_norm"] > 4  # clipped at every step, even if its norm were reported at 1/4
+    with_canary, without = scores["with_canary"], scores["without_canary"]
+    assert with_canary.shape == without.shape == (150, 3)
+    standard_error = plan.noise_multiplier / math.sqrt(with_canary.size)
+    assert with_canary.mean() == pytest.approx(1 / 3, abs=4 * standard_error)
+    assert without.mean() == pytest.approx(0.0, abs=4 * standard_error)
+    assert without.std() == pytest.approx(plan.noise_multiplier, rel=0.1)
+    # The run statistic: more likely "in" for larger step scores.
+    ratio = honest_likelihood_ratio(np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0]]), noise_multiplier=1.7,
+                                    sample_rate=1 / 3)
+    assert ratio[1] > ratio[0]
+
+
+def test_convnet_audit_trains_every_layer_on_request():
+    """train_layers="all": the early convolutions (not factored) train too; book-keeping
+    still factors the late layers, which then carry only part of the canary's gradient."""
+    scores = convnet_canary_scores(runs=2, train_layers="all", seed=0, noise_seed=0)
+    assert set(scores["factored"]) < set(scores["trainable"])
+    assert {"0.weight", "2.weight", "5.weight", "7.weight"} <= set(scores["trainable"])
+    assert 0 < scores["factored_share"] < 1
+
+
+def test_honest_training_path_passes_the_convnet_audit():
+    result = convnet_audit(**CONVNET_AUDIT)
+    assert result.kind == "convnet" and result.mechanism == "honest"
+    assert result.claimed_epsilon == pytest.approx(2.0, abs=0.02)
+    assert not result.violated and result.epsilon_lower <= result.claimed_epsilon
+    assert result.details["engine"] == "hooks" and result.details["canary_share_in_factored"] == pytest.approx(1.0)
+    # The canary's clipped gradient is C per sampled step: mean q per step.
+    assert result.details["step_score_mean_with_canary"] == pytest.approx(1 / 3, abs=0.15)
+
+
+def test_cli_runs_the_convnet_audit_and_its_bookkeeping_control(capsys, tmp_path):
+    """Too few runs for the control: it is reported missed (exit 1); the honest audit passes."""
+    status = main(["--audits", "convnet", "--convnet-runs", "60", "--json", str(tmp_path / "audit.json")])
+    out = capsys.readouterr()
+    assert status == 1 and "broken control(s) not caught" in out.err and "honest audit" not in out.err
+    assert out.out.count("convnet") >= 2 and "book-keeping factored 10.weight" in out.out
+    import json
+    rows = json.loads((tmp_path / "audit.json").read_text())
+    assert [r["mechanism"] for r in rows] == ["honest", "broken"]
+    assert rows[1]["details"]["step_score_mean_with_canary"] > rows[0]["details"]["step_score_mean_with_canary"]

@@ -10,9 +10,11 @@ import pytest
 
 from tests.conftest import run_cli, tiny_overrides
 
-RESULT_FIELDS = {"status", "model", "private", "test_accuracy", "test_loss", "train_accuracy", "epsilon",
-                 "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "batch_size", "epochs", "steps",
-                 "seed", "device", "wall_seconds", "train_samples_per_second", "peak_memory_mb"}
+RESULT_FIELDS = {"status", "model", "private", "test_accuracy", "test_loss", "val_accuracy", "epsilon",
+                 "epsilon_valid", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "batch_size", "epochs",
+                 "steps", "seed", "device", "wall_seconds", "train_expected_samples_per_second", "peak_memory_mb"}
+# Functions of the private training data outside the mechanism: absent from a DP run's records.
+NON_PRIVATE_FIELDS = {"train_loss", "train_accuracy", "train_samples_per_second", "samples_seen", "non_private"}
 TINY_MODEL = ["model=convnet", "model.width=4", "model.hidden=16"]
 
 
@@ -22,15 +24,17 @@ def test_single_run_writes_its_folder(tiny_cifar, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = [p.parent for p in tmp_path.glob("runs/*/*/result.json")]
     result = json.loads((run_dir / "result.json").read_text())
-    assert RESULT_FIELDS <= set(result)
-    assert result["status"] == "completed" and result["private"] is True
+    assert RESULT_FIELDS <= set(result) and not NON_PRIVATE_FIELDS & set(result)
+    assert result["status"] == "completed" and result["private"] is True and result["epsilon_valid"] is True
     assert result["steps"] == 16 and result["epochs"] == 2
     assert 0 < result["epsilon"] <= 5.0
     assert result["sample_rate"] == pytest.approx(1 / 8)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert float(rows[0]["epsilon"]) < float(rows[1]["epsilon"]) == pytest.approx(result["epsilon"])
-    assert {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "seconds"} <= set(rows[0])
+    assert {"epoch", "val_accuracy", "test_loss", "test_accuracy", "epsilon", "seconds"} <= set(rows[0])
+    assert not {"train_loss", "train_accuracy"} & set(rows[0])
+    assert all(r["non_private_train_loss"] == r["non_private_train_accuracy"] == "" for r in rows)
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
 
 

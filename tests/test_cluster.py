@@ -19,12 +19,10 @@ from dp_sweeps.results import read_result
 from tests.conftest import tiny_overrides
 from tests.test_sweeps import run_main
 
-pytestmark = pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
-
 
 def _tiny(data_root, out) -> list[str]:
     return tiny_overrides(data_root) + ["model=convnet", "model.width=4", "model.hidden=16",
-                                        "privacy.accountant=gdp", f"paths.output_dir={out}"]
+                                        "privacy.accountant=rdp", f"paths.output_dir={out}"]
 
 
 def _pid_holding_open(path: Path) -> int | None:
@@ -66,8 +64,10 @@ def test_local_launcher_sweep_with_a_preempted_job_that_resumes(tiny_cifar, tmp_
     watcher.start()
     # The sweep itself runs in this process (the CLI's main); its jobs are submitit processes.
     try:
+        # A shared noise_seed makes the two jobs the same run (debugging replay, epsilon_valid=false).
         log = run_main([*_tiny(tiny_cifar, out), "trainer.epochs=4", "experiment_name=full,requeued",
-                        "hydra/launcher=local", "-m"], capsys)
+                        "privacy.noise_seed=11", "trainer.non_private_stats=true", "hydra/launcher=local", "-m"],
+                       capsys)
     finally:
         sweep_over.set()
         watcher.join(timeout=5)
@@ -83,7 +83,8 @@ def test_local_launcher_sweep_with_a_preempted_job_that_resumes(tiny_cifar, tmp_
     assert requeued["steps"] == full["steps"] == requeued["planned_steps"] == 4 * 8
     assert requeued["epsilon"] == full["epsilon"] <= requeued["target_epsilon"]
     assert requeued["test_accuracy"] == full["test_accuracy"]
-    assert requeued["train_loss"] == full["train_loss"]
+    assert requeued["non_private"]["train_loss"] == full["non_private"]["train_loss"]
+    assert requeued["epsilon_valid"] is full["epsilon_valid"] is False
     # The requeued attempt ran with trainer.resume=true; every job got checkpoints.
     overrides = {n: OmegaConf.load(sweep_dir / n / ".hydra" / "overrides.yaml") for n in ("0", "1")}
     assert "trainer.resume=true" in overrides["1"] and "trainer.resume=true" not in overrides["0"]

@@ -45,7 +45,7 @@ def _noise_worker(rank: int, world: int, port: int, out: str) -> None:
     model = DPDDP(nn.Sequential(nn.Flatten(), nn.Linear(12, 300), nn.Linear(300, 40)))
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch, generator=torch.Generator().manual_seed(rank))
     _, model, optimizer, criterion, loader = make_private(
-        plan=plan, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
+        plan=plan, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), num_samples=len(loader.dataset), sampler_generator=torch.Generator(),
         criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks",
         noise_generator=torch.Generator().manual_seed(100 + rank))
     x = torch.randn(batch // world, 3, 2, 2)
@@ -57,18 +57,18 @@ def _noise_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _train_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+def _train_worker(rank: int, world: int, port: int, root: str, out: str, batch_size: int = 64) -> None:
     _join(rank, world, port)
     from omegaconf import OmegaConf
 
     data = load_cifar10(root=root, download=False, verify_checksums=False)
     plan = plan_privacy(OmegaConf.create({"enabled": True, "epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0,
                                           "accountant": "prv", "noise_multiplier": None, "poisson_sampling": True}),
-                        num_train=data.num_train, batch_size=64, epochs=1)
+                        num_train=data.num_train, batch_size=batch_size, epochs=1)
     torch.manual_seed(0)
     model = create_model("convnet", num_classes=10, width=4, hidden=16)
     outcome = fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), data=data, plan=plan,
-                  settings=LoopSettings(epochs=1, batch_size=64, progress=False), device=torch.device("cpu"))
+                  settings=LoopSettings(epochs=1, batch_size=batch_size, progress=False), device=torch.device("cpu"))
     torch.save({"state": model.state_dict(), "steps": outcome.steps, "epsilon": outcome.epsilon,
                 "seen": outcome.samples_seen}, f"{out}/train{rank}.pt")
     dist.destroy_process_group()
@@ -93,3 +93,18 @@ def test_every_rank_ends_with_the_same_weights(tiny_cifar, tmp_path):
         assert torch.equal(a["state"][k], b["state"][k]), k
     assert 0 < a["seen"] < 500 and 0 < b["seen"] < 500  # each rank samples its own shard
     assert a["seen"] + b["seen"] == pytest.approx(500, rel=0.25)
+
+
+def test_every_rank_takes_every_step_with_empty_local_batches(tiny_cifar, tmp_path):
+    """Expected global batch 2 over 2 ranks: a rank's local batch is empty in about 37% of
+    the 250 steps. Every rank still takes every planned step (an empty local batch adds a
+    zero gradient; rank 0 adds the noise once), so the ranks stay in lockstep and the
+    accountant's q and step count are the mechanism's. Opacus's distributed sampler skips
+    empty local batches: ranks then took different numbers of steps."""
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tiny_cifar), str(tmp_path), 2), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"train{r}.pt", weights_only=True) for r in range(2))
+    assert a["steps"] == b["steps"] == 250
+    assert a["epsilon"] == pytest.approx(b["epsilon"])
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    assert a["seen"] < 250 and b["seen"] < 250  # each rank's shard of 250 at q = 1/250: many empties

@@ -163,11 +163,11 @@ def _hooks_step(model_name: str, kwargs: dict, *, stock: bool):
     plan = PrivacyPlan(private=True, accountant="rdp", delta=1e-5, max_grad_norm=0.5, noise_multiplier=1.0,
                        sample_rate=1.0, steps_per_epoch=1, steps=1, target_epsilon=None, planned_epsilon=None,
                        poisson_sampling=True)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=8)
     with stock_opacus() if stock else contextlib.nullcontext():
         _, module, optimizer, criterion, _ = make_private(
-            plan=plan, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
-            criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks", noise_generator=torch.Generator().manual_seed(5))
+            plan=plan, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_samples=8,
+            criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks", noise_generator=torch.Generator().manual_seed(5),
+            sampler_generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 10, (8,), generator=generator)
     criterion(module(x), y).backward()

@@ -26,7 +26,7 @@ def _private(model, *, plan, num_train, batch_size, seed=0):
     loader = DataLoader(TensorDataset(torch.arange(num_train)), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    return make_private(plan=plan, module=model, optimizer=optimizer, data_loader=loader,
+    return make_private(plan=plan, module=model, optimizer=optimizer, num_samples=len(loader.dataset), sampler_generator=torch.Generator(),
                         criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks",
                         noise_generator=torch.Generator().manual_seed(seed + 1))
 
@@ -142,7 +142,7 @@ def test_physical_batches_give_the_same_private_run(tiny_cfg, tmp_path):
     assert whole["epsilon"] == pytest.approx(split["epsilon"], rel=1e-9)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch", "ghost"])
 def test_empty_poisson_batches_still_add_noise(tiny_cfg, tmp_path, monkeypatch, mode):
     """An expected batch of 1 makes about a third of the Poisson batches empty: each must
     still be a (noise-only) step, counted by the accountant, in every engine auto picks."""

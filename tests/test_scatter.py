@@ -142,7 +142,8 @@ def test_experiments_carry_the_published_settings(experiment, model):
 def test_tiny_private_run_on_scattering_features(name, tiny_cifar, feature_cache, tmp_path):
     cfg = compose_config(tiny_overrides(tiny_cifar) + [
         f"experiment=tramer_boneh_{name}", "data.test_subset=100", "trainer.batch_size=64", "trainer.epochs=2",
-        "trainer.physical_batch_size=32", "privacy.epsilon=8", f"data.feature_cache={feature_cache}"])
+        "trainer.physical_batch_size=32", "privacy.epsilon=8", f"data.feature_cache={feature_cache}",
+        "privacy.noise_seed=0"])  # a fixed draw of the noise: the accuracy bar below is not a coin toss
     result = train(cfg, tmp_path)
     assert result["status"] == "completed" and result["model"] == name
     assert result["steps"] == 16 and 0 < result["epsilon"] <= 8.0

@@ -1,7 +1,7 @@
 """Hydra multirun grids and Optuna searches, end to end through the CLI's ``main`` on tiny
 data: a grid with a failing job, a frontier search resumed from 3 to 5 trials, a search
 with failing trials, and two ``python -m dp_sweeps`` processes sharing one study. Trials
-use the GDP accountant (its σ calibration takes milliseconds, PRV's seconds): the sweep
+use the RDP accountant (its σ calibration takes milliseconds, PRV's seconds): the sweep
 machinery is under test here, the accountants in test_privacy.py."""
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from dp_sweeps.search import check_tuning_metric, last_override_wins, trial_outc
 from tests.conftest import compose_config, tiny_overrides
 
 TrialState = optuna.trial.TrialState
-pytestmark = pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
 
 
 def _tiny(data_root, out) -> list[str]:
     return tiny_overrides(data_root) + ["model=convnet", "model.width=4", "model.hidden=16",
-                                        "privacy.accountant=gdp", f"paths.output_dir={out}"]
+                                        "privacy.accountant=rdp", f"paths.output_dir={out}"]
 
 
 def _search(data_root, out, name: str, *extra: str) -> list[str]:
@@ -41,7 +40,7 @@ def _search(data_root, out, name: str, *extra: str) -> list[str]:
     return [f"hparams_search={name}", *_tiny(data_root, out), "data.val_size=100", *extra, "-m"]
 
 
-# The frontier's space, shrunk to the tiny data (GDP calibrates σ only up to ε ≈ 10 here).
+# The frontier's space, shrunk to the tiny data .
 TINY_FRONTIER = ("privacy.epsilon=tag(log, interval(0.5, 4))", "trainer.batch_size=choice(32,64)")
 
 
@@ -243,3 +242,18 @@ def test_a_trial_whose_process_died_is_failed_after_the_grace_period(tmp_path, m
         assert search.counted_trials(study) == 2
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {dead.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
+
+
+def test_the_default_metric_is_a_validation_one_and_no_sweeper_tunes_on_the_test_set(tiny_cifar, tmp_path, capsys):
+    """A stock sweeper (hydra-optuna-sweeper's own, not hparams_search=...) returns the
+    task's value to its optimiser: on 89ac991 the default optimized_metric was
+    test_accuracy, so such a search tuned on the test set."""
+    assert compose_config(_tiny(tiny_cifar, tmp_path)).optimized_metric == "val_accuracy"
+    out = tmp_path / "stock"
+    with pytest.raises(SystemExit):  # the stock sweeper gives up: its only trial failed
+        run_main([*_tiny(tiny_cifar, out), "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+                  "optimized_metric=test_accuracy", "data.val_size=100", "-m"], capsys)
+    (result_file,) = out.glob("multiruns/*/*/*/result.json")
+    result = read_result(result_file.parent)
+    assert result["status"] == "failed" and "must not tune on the test set" in result["error"]
+    assert "test_accuracy" not in result

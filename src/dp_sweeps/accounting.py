@@ -1,4 +1,4 @@
-"""A second opinion on ε: the same run under three accountants.
+"""A second opinion on ε: the same run under three accountants (and GDP, for contrast).
 
 Accountants disagree by design. Opacus's PRV accountant (the default here) and Google's
 ``dp-accounting`` PLD accountant both compute the privacy-loss distribution of the
@@ -54,8 +54,10 @@ def cross_check_epsilon(*, noise_multiplier: float, sample_rate: float, steps: i
     """ε of ``steps`` DP-SGD steps (σ = ``noise_multiplier``, Poisson rate ``sample_rate``)
     at ``delta`` under Opacus PRV, Opacus RDP and dp-accounting PLD.
 
-    Returns ``{"prv": ..., "rdp": ..., "pld": ...}``: each an accountant's own upper
-    bound on ε, none of them adjusted. Assumes Poisson sampling, as all three do.
+    Returns ``{"prv": ..., "rdp": ..., "pld": ..., "gdp": ...}``: the first three are
+    each an accountant's own upper bound on ε, none of them adjusted; ``gdp`` is Opacus's
+    Gaussian-DP approximation, which can under-report (None with ``prior`` releases, which
+    it cannot compose). Assumes Poisson sampling, as all three do.
     ``prior``: Gaussian releases ``(σ, q, count)`` before the steps, composed by all three.
     ``prv`` is None (not computed) when RDP's ε exceeds ``PRV_MAX_RDP_EPSILON``.
     """
@@ -69,4 +71,6 @@ def cross_check_epsilon(*, noise_multiplier: float, sample_rate: float, steps: i
         "prv": epsilon_for(**common, accountant="prv", prior=prior) if rdp <= PRV_MAX_RDP_EPSILON else None,
         "rdp": rdp,
         "pld": pld_epsilon(**common, prior=prior),
+        # A CLT approximation that can fall *below* the true ε: shown, never used.
+        "gdp": epsilon_for(**common, accountant="gdp") if not prior else None,
     }

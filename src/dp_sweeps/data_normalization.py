@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.randomness import mechanism_generator
 
 # Two releases: the channel means and the channel means of squares.
 RELEASES = 2
@@ -94,13 +95,16 @@ def standardize_layers(model: nn.Module) -> list[ChannelStandardize]:
 
 
 def fit_data_normalization(model: nn.Module, train_x: torch.Tensor, *, private: bool, settings,
-                           seed: int) -> tuple[tuple[float, float, int], ...]:
+                           noise_seed: Optional[int] = None) -> tuple[tuple[float, float, int], ...]:
     """Set every :class:`ChannelStandardize` layer of ``model`` from ``train_x`` (the
     layer's input: the models here put it first). Returns the Gaussian releases made,
     as accountant history entries ``(σ, q, count)``: ``()`` when the model has no such
     layer or the run is not private. ``settings``: ``model.data_norm`` (noise_multiplier,
-    clip_mean, clip_square). The noise is drawn from a generator seeded by ``seed``, so a
-    resumed or repeated run releases the very same statistics (no second release)."""
+    clip_mean, clip_square). The noise is the mechanism's secret stream ``data_norm``
+    (:mod:`dp_sweeps.randomness`: fresh OS entropy unless ``noise_seed`` is set for
+    debugging). A resumed run draws statistics again but never uses them: the
+    checkpoint's weights, which hold the released statistics, replace them before any
+    step, so what is published is the first release alone."""
     layers = standardize_layers(model)
     if not layers:
         return ()
@@ -111,7 +115,7 @@ def fit_data_normalization(model: nn.Module, train_x: torch.Tensor, *, private: 
     else:
         sigma = float(settings.noise_multiplier)
         clip_mean, clip_square = float(settings.clip_mean), float(settings.clip_square)
-        generator = torch.Generator().manual_seed(int(seed) + 4)
+        generator = mechanism_generator("data_norm", noise_seed=noise_seed)
         mean, var = private_channel_statistics(train_x, clip_mean=clip_mean, clip_square=clip_square,
                                                noise_multiplier=sigma, generator=generator)
         releases = ((sigma, 1.0, RELEASES),)

@@ -42,12 +42,27 @@ into ``p.grad``, and Opacus's optimizer then overwrites it with the clipped, noi
 of the per-example gradients: that work (a third of a convolution's or linear layer's
 backward FLOPs) is thrown away. :func:`skip_summed_gradients` makes it not happen.
 
+6. Empty batches (a Poisson batch may hold no example; its step must still add the
+noise): every sampler here returns per-example gradients (or norms) with 0 rows, and
+:func:`install` gives Opacus's functorch rule and its ExpandedWeights engine the same
+case, where they crashed (vmap cannot map a convolution over 0 examples; ExpandedWeights
+refuses a batch of 0). Tested for every registered model in every engine
+(tests/test_empty_batch_samplers.py): the step is exactly the noise.
+
+7. Padding modes: Opacus's per-example rule for convolutions (and so every sampler and
+norm here) reads the layer's padding as zeros; ``padding_mode='reflect'``, ``'replicate'``
+or ``'circular'`` gets wrong per-example gradients and norms, hence wrong clipping, and
+Opacus's validator lets such layers through. :func:`check_per_example_support` refuses
+them before training wherever that rule would run; this module's convolution samplers
+also refuse them rather than return a wrong value.
+
 Guarantee: the results equal Opacus's ``compute_conv_grad_sample`` (and the norms of
 its per-example gradients), tested to float32 rounding on every shape the models use and
 on odd ones (depthwise ones with stride, dilation and channel multipliers too); any other
-convolution (dilated or grouped non-depthwise, non-zero padding modes, string padding,
-empty batches) is handed to Opacus's own code unchanged. Only speed and memory change:
-clipping, noise and accounting are Opacus's.
+zero-padded convolution (dilated or grouped non-depthwise, string padding) is handed to
+Opacus's own code unchanged, an empty batch gets 0-row results and a non-zero padding
+mode a ``ConfigError``. Only speed and memory change: clipping, noise and accounting are
+Opacus's.
 """
 
 from __future__ import annotations
@@ -58,21 +73,27 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample import GradSampleModule, GradSampleModuleExpandedWeights
 from opacus.grad_sample import grad_sample_module as _opacus_hooks
 from opacus.grad_sample.conv import compute_conv_grad_sample as opacus_conv_grad_sample
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient as opacus_functorch_grad_sample
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.linear import compute_linear_grad_sample as opacus_linear_grad_sample
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from opacus.utils.tensor_utils import unfold2d
 
 from dp_sweeps.bookkeeping import FactoredGradSample, factored_grad_sample, gram_squared_norms
+from dp_sweeps.errors import ConfigError
 
 # Opacus's own storage function, kept for the tests' comparison (install() replaces it).
 opacus_store_grad_sample = _opacus_hooks.create_or_accumulate_grad_sample
+# Opacus's ExpandedWeights forward (install() wraps it for empty batches).
+opacus_expanded_weights_forward = GradSampleModuleExpandedWeights.forward
 
-__all__ = ["build_conv2d_grad_sample", "conv2d_grad_sample", "conv2d_norm_sample", "depthwise_grad_sample",
-           "fast_path_applies", "install", "is_depthwise",
-           "linear_grad_sample", "skip_summed_gradients", "stock_opacus", "stock_opacus_active", "store_grad_sample"]
+__all__ = ["build_conv2d_grad_sample", "check_per_example_support", "conv2d_grad_sample", "conv2d_norm_sample",
+           "depthwise_grad_sample", "empty_grad_sample", "fast_path_applies", "functorch_grad_sample", "install",
+           "is_depthwise", "linear_grad_sample", "skip_summed_gradients", "stock_opacus", "stock_opacus_active",
+           "store_grad_sample"]
 
 # True inside stock_opacus(): the benchmark's baseline is Opacus exactly as shipped.
 _stock_opacus = False
@@ -81,6 +102,105 @@ _stock_opacus = False
 def stock_opacus_active() -> bool:
     """Inside :func:`stock_opacus`: make_private leaves Opacus's engine as shipped."""
     return _stock_opacus
+
+
+# The engines whose per-example rule for a convolution is Opacus's hand-written one (and
+# this module's), which reads the layer's ``padding`` as zeros: ``hooks``, and ``ghost``,
+# whose norms are taken from that rule or from :func:`conv2d_norm_sample`.
+ZERO_PADDING_ENGINES = ("hooks", "ghost")
+# The engines that differentiate the layer's own forward (``F.pad`` in the layer's mode,
+# then the convolution with no padding): ``functorch`` (vmap over autograd) and ``ew``
+# (torch's ExpandedWeights, which sees the padded input). Exact for every padding mode.
+FORWARD_ENGINES = ("functorch", "ew")
+
+
+def check_per_example_support(module: nn.Module, grad_sample_mode: str) -> None:
+    """Refuse, before training, a model with a layer whose per-example gradients the Opacus
+    engine ``grad_sample_mode`` would get wrong: raises :class:`~dp_sweeps.errors.ConfigError`,
+    one line naming the first such layer (its qualified name in ``module.named_modules()``,
+    its class, the setting) and the way out.
+
+    Refused: a convolution (``nn.Conv1d/2d/3d``, transposed, lazy or subclassed) with a
+    trainable parameter and ``padding_mode`` other than ``'zeros'`` (reflect, replicate,
+    circular) under ``hooks`` and ``ghost``: their rule unfolds the layer's input with
+    *zero* padding, so per-example gradients and norms are wrong, and so is each example's
+    clipping (a security review saw one example's clipped contribution reach 1.5x the
+    clipping norm). Opacus's ``ModuleValidator`` lets these layers through. Subclasses
+    are refused even where Opacus would fall back to functorch for them (conservative). Also refused: an engine not in
+    :data:`ZERO_PADDING_ENGINES` or :data:`FORWARD_ENGINES` (nothing is proven for it).
+
+    Allowed: every layer under ``functorch`` and ``ew``, which differentiate the layer's
+    own forward (the padding included); a frozen layer (no trainable parameter: no
+    per-example gradient is taken) under any engine.
+
+    Guarantee (tests/test_padding_modes.py): under each allowed engine, per-example
+    gradients of reflect-, replicate- and circular-padded ``Conv1d/2d/3d`` equal an
+    explicit per-example autograd loop; under each refused one they differ from it, and
+    this function names the layer. Every registered model passes in every engine.
+    """
+    if isinstance(module, AbstractGradSampleModule):
+        module = module._module  # names as in the user's model
+    if grad_sample_mode not in ZERO_PADDING_ENGINES + FORWARD_ENGINES:
+        raise ConfigError(f"grad_sample_mode={grad_sample_mode!r}: per-example gradients are checked for "
+                          f"{', '.join(ZERO_PADDING_ENGINES + FORWARD_ENGINES)} only")
+    if grad_sample_mode in FORWARD_ENGINES:
+        return
+    for name, layer in module.named_modules():
+        padding_mode = getattr(layer, "padding_mode", "zeros")
+        if (isinstance(layer, nn.modules.conv._ConvNd) and padding_mode != "zeros"
+                and any(p.requires_grad for p in layer.parameters(recurse=False))):
+            raise ConfigError(f"model layer {name!r} ({type(layer).__name__}, padding_mode={padding_mode!r}): "
+                              f"per-example gradients under grad_sample_mode={grad_sample_mode} assume zero "
+                              f"padding; use padding_mode='zeros' or grad_sample_mode=functorch")
+
+
+def _refuse_non_zero_padding(layer: nn.Module) -> None:
+    """This module's convolution rules read ``layer.padding`` as zeros: any other padding
+    mode raises (check_per_example_support refuses such models before training)."""
+    padding_mode = getattr(layer, "padding_mode", "zeros")
+    if padding_mode != "zeros":
+        raise ConfigError(f"{type(layer).__name__} with padding_mode={padding_mode!r}: the per-example gradient "
+                          f"rule of grad_sample_mode=hooks/ghost assumes zero padding; use padding_mode='zeros' "
+                          f"or grad_sample_mode=functorch")
+
+
+def empty_grad_sample(layer: nn.Module, like: torch.Tensor, *, recurse: bool = False
+                      ) -> Dict[nn.Parameter, torch.Tensor]:
+    """The per-example gradients of an empty batch: for each trainable parameter of
+    ``layer``, a 0 x parameter-shape tensor (``like``'s dtype and device)."""
+    return {p: like.new_zeros((0, *p.shape)) for p in layer.parameters(recurse=recurse) if p.requires_grad}
+
+
+def functorch_grad_sample(layer: nn.Module, activations: List[torch.Tensor],
+                          backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    """Opacus's functorch rule (``ft_compute_per_sample_gradient``: vmap of autograd over the
+    layer's forward, for layers without a hand-written rule, e.g. WRN's ``WSConv2d``, and
+    for every layer under ``grad_sample_mode=functorch``), but for an empty batch the empty
+    per-example gradients, where vmap fails (a convolution over 0 examples: "expected
+    groups to be greater than 0")."""
+    if backprops.shape[0] == 0:
+        return empty_grad_sample(layer, backprops, recurse=True)
+    return opacus_functorch_grad_sample(layer, activations, backprops)
+
+
+def expanded_weights_forward(self: GradSampleModuleExpandedWeights, x: torch.Tensor, *args, **kwargs):
+    """Opacus's ``GradSampleModuleExpandedWeights.forward``, except on an empty batch, which
+    torch's ExpandedWeights refuses ("Batch size must be positive, got 0"): the module's
+    plain forward, and when the backward pass reaches its output each trainable parameter
+    without per-example gradients gets the empty ones (0 x shape), as the other engines do."""
+    if x.shape[0] > 0:
+        return opacus_expanded_weights_forward(self, x, *args, **kwargs)
+    output = self._module(x, *args, **kwargs)
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        params = [p for p in self._module.parameters() if p.requires_grad]
+
+        def set_empty_grad_samples(grad: torch.Tensor) -> None:
+            for p in params:
+                if getattr(p, "grad_sample", None) is None:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+
+        output.register_hook(set_empty_grad_samples)
+    return output
 
 
 def fast_path_applies(layer: nn.Module, activations: torch.Tensor) -> bool:
@@ -109,8 +229,12 @@ def build_conv2d_grad_sample(layer: nn.Conv2d, activations: List[torch.Tensor],
                              backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
     """The per-example gradients themselves: im2col-free where :func:`fast_path_applies`,
     by :func:`depthwise_grad_sample` for depthwise convolutions, else Opacus's
-    ``compute_conv_grad_sample``."""
+    ``compute_conv_grad_sample``; 0 x shape for an empty batch (Opacus's rule returns one
+    row of zeros there); ConfigError for a padding mode other than zeros."""
+    _refuse_non_zero_padding(layer)
     x = activations[0]
+    if x.shape[0] == 0:
+        return empty_grad_sample(layer, backprops)
     if is_depthwise(layer, x):
         return depthwise_grad_sample(layer, x, backprops)
     if not fast_path_applies(layer, x):
@@ -208,9 +332,15 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor],
     ``‖G‖² = Σ_{t,t'} (a_t·a_t')(b_t·b_t')`` (the ghost norm: two T x T Gram matrices).
     That costs ``T²(d + O)`` per example against ``T·d·O`` for building ``G`` (d = C·k_h·k_w):
     the ghost norm wins on small late maps (ResNet-18's 4x4 stage: 16² x 5120 vs 16 x 2.4M),
-    building wins on large early ones; the cheaper is taken per layer and call."""
+    building wins on large early ones; the cheaper is taken per layer and call.
+
+    An empty batch gets empty norms (0 rows; building them failed); a padding mode other
+    than zeros raises ConfigError (the rule reads the padding as zeros)."""
+    _refuse_non_zero_padding(layer)
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
+    if n == 0:
+        return {p: backprops.new_zeros((0,)) for p in layer.parameters(recurse=False) if p.requires_grad}
     if not (type(layer) is nn.Conv2d and layer.groups == 1 and not isinstance(layer.padding, str)
             and layer.padding_mode == "zeros" and x.dim() == 4 and n > 0):
         samples = build_conv2d_grad_sample(layer, activations, backprops)
@@ -307,7 +437,8 @@ def skip_summed_gradients(grad_sample_module: GradSampleModule) -> int:
 @contextlib.contextmanager
 def stock_opacus():
     """Opacus's own sampler and storage inside the block (the benchmark's baseline), this
-    module's again after it."""
+    module's again after it. The empty-batch fixes of :func:`install` (functorch rule,
+    ExpandedWeights forward) stay: they change nothing on a non-empty batch."""
     from opacus.grad_sample import grad_sample_module_fast_gradient_clipping
 
     GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = opacus_conv_grad_sample
@@ -326,9 +457,13 @@ def stock_opacus():
 def install() -> None:
     """Route Opacus's hooks engines through this module (idempotent): :func:`conv2d_grad_sample`
     for ``nn.Conv2d``, :func:`store_grad_sample` for storing per-example gradients, and
-    :func:`skip_summed_gradients` enabled for ``make_private`` (off in :func:`stock_opacus`)."""
+    :func:`skip_summed_gradients` enabled for ``make_private`` (off in :func:`stock_opacus`);
+    :func:`functorch_grad_sample` and :func:`expanded_weights_forward` for empty batches."""
     from opacus.grad_sample import grad_sample_module_fast_gradient_clipping
 
+    _opacus_hooks.ft_compute_per_sample_gradient = functorch_grad_sample
+    grad_sample_module_fast_gradient_clipping.ft_compute_per_sample_gradient = functorch_grad_sample
+    GradSampleModuleExpandedWeights.forward = expanded_weights_forward
     global _stock_opacus
     _stock_opacus = False
     GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = conv2d_grad_sample

@@ -14,8 +14,18 @@ from typing import Any, Mapping
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.csv"
-METRIC_FIELDS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                 "test_loss", "test_accuracy", "epsilon", "seconds")
+# Figures computed from the private training data or its sampled batches outside any DP
+# mechanism (training loss and accuracy, the number of examples sampled): they carry
+# this prefix in metrics.csv and sit under this key in result.json, and exist only when
+# asked for (``trainer.non_private_stats``; off by default under DP).
+NON_PRIVATE = "non_private"
+METRIC_FIELDS = ("epoch", "step", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "epsilon", "seconds",
+                 f"{NON_PRIVATE}_train_loss", f"{NON_PRIVATE}_train_accuracy")
+
+
+def non_private_stats_enabled(setting, *, private: bool) -> bool:
+    """``trainer.non_private_stats``: null means off under DP and on without it."""
+    return (not private) if setting is None else bool(setting)
 
 # Statuses a result.json can carry. Only "completed" is a finished, reportable run.
 STATUSES = ("completed", "diverged", "planned", "failed")

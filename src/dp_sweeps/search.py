@@ -64,6 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.validation import check_tuning_metric
 from dp_sweeps.results import RESULT_FILE
 
 log = logging.getLogger(__name__)
@@ -303,20 +304,6 @@ def last_override_wins(overrides: Sequence[str]) -> list[str]:
     last = {o.get_key_element(): i for i, o in enumerate(parsed) if not o.is_delete()}
     return [o.input_line for i, o in enumerate(parsed)
             if o.is_delete() or last[o.get_key_element()] == i]
-
-
-def check_tuning_metric(cfg: DictConfig) -> None:
-    """A search must tune on the validation split held out of the training set: refuse
-    an ``optimized_metric`` read from the test set, or a ``val_*`` one with no split."""
-    metric = cfg.get("optimized_metric")
-    names = [metric] if isinstance(metric, str) else list(metric or [])
-    for name in names:
-        if str(name).startswith("test_"):
-            raise ConfigError(f"optimized_metric={name!r}: a search must not tune on the test set; "
-                              f"use val_{str(name)[len('test_'):]} with data.val_size > 0")
-        if str(name).startswith("val_") and not cfg.data.get("val_size"):
-            raise ConfigError(f"optimized_metric={name!r} needs data.val_size > 0 (examples held out of "
-                              f"the training set), got data.val_size={cfg.data.get('val_size')!r}")
 
 
 class _Heartbeat:

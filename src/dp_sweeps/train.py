@@ -28,14 +28,17 @@ from dp_sweeps.errors import ConfigError
 from dp_sweeps.features import apply_feature_map
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import plan_privacy, resolve_grad_sample_mode
-from dp_sweeps.results import MetricsLog, write_result
+from dp_sweeps.results import NON_PRIVATE, MetricsLog, non_private_stats_enabled, write_result
 from dp_sweeps import checkpoint as ckpt
 from dp_sweeps import distributed
 from dp_sweeps.results import read_result
 from dp_sweeps.training import LoopSettings, configure_backend, fit, resolve_device
-from dp_sweeps.validation import validate_against_data, validate_config
+from dp_sweeps.validation import check_tuning_metric, validate_against_data, validate_config
 
 log = logging.getLogger(__name__)
+
+# Hydra's grid sweeper runs every job and ignores what the task returns.
+GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def seed_everything(seed: int) -> None:
@@ -95,7 +98,9 @@ def loop_settings(cfg: DictConfig, *, grad_sample_mode: str) -> LoopSettings:
         epochs=trainer.epochs, batch_size=trainer.batch_size, physical_batch_size=trainer.physical_batch_size,
         seed=cfg.seed, grad_sample_mode=grad_sample_mode, augment=cfg.data.augment,
         augmult=trainer.get("augmult", 1), ema_decay=trainer.get("ema_decay"),
-        secure_mode=bool(cfg.privacy.get("secure_mode", False)), eval_batch_size=trainer.eval_batch_size,
+        noise_seed=cfg.privacy.get("noise_seed"),
+        non_private_stats=non_private_stats_enabled(trainer.get("non_private_stats"), private=bool(cfg.privacy.enabled)),
+        eval_batch_size=trainer.eval_batch_size,
         progress=trainer.progress, checkpoint_every=trainer.get("checkpoint_every") or 0,
         resume=bool(trainer.get("resume", False)), channels_last=bool(trainer.get("channels_last", False)))
 
@@ -142,9 +147,11 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
     """Plan the privacy of ``model``'s training, then train it with the one loop (or, on
     a dry run, stop after planning). Returns the run's record; the caller writes it."""
     model_name = model_name or cfg.model.name
+    noise_seed = cfg.privacy.get("noise_seed")
     # DP data normalisation (model.norm=data): released before training, charged to ε.
     prior_releases = fit_data_normalization(model, data.train_x, private=bool(cfg.privacy.enabled),
-                                            settings=cfg.model.get("data_norm"), seed=cfg.seed)
+                                            settings=cfg.model.get("data_norm"),
+                                            noise_seed=cfg.privacy.get("noise_seed"))
     plan = plan_privacy(cfg.privacy, num_train=data.num_train, batch_size=cfg.trainer.batch_size,
                         epochs=cfg.trainer.epochs, prior_releases=prior_releases)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
@@ -156,7 +163,7 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
         "target_epsilon": plan.target_epsilon, "planned_epsilon": plan.planned_epsilon, "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
         "sample_rate": plan.sample_rate, "poisson_sampling": plan.poisson_sampling,
-        "epsilon_valid": plan.private and plan.poisson_sampling,
+        "epsilon_valid": plan.private and plan.poisson_sampling and noise_seed is None,
         "batch_size": cfg.trainer.batch_size, "physical_batch_size": cfg.trainer.physical_batch_size,
         "epochs": cfg.trainer.epochs, "planned_steps": plan.steps, "seed": cfg.seed,
         "grad_sample_mode": grad_sample_mode, "num_train": data.num_train, "num_val": len(data.val_y),
@@ -164,6 +171,9 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
         "host": platform.node(), "parameters": sum(p.numel() for p in model.parameters()),
         "torch_version": torch.__version__, "prior_releases": [list(r) for r in plan.prior_releases] or None,
     }
+    if plan.private and noise_seed is not None:
+        log.warning("privacy.noise_seed is set: the noise and the sampling can be replayed by anyone who reads "
+                    "the config, so the reported ε is NOT a guarantee (epsilon_valid=false); for debugging only")
     if plan.private and not plan.poisson_sampling:
         log.warning("privacy.poisson_sampling=false: the reported ε assumes Poisson sampling and is "
                     "NOT a valid guarantee for shuffled fixed-size batches (epsilon_valid=false)")
@@ -195,14 +205,21 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
         if metrics is not None:
             metrics.close()
     last = outcome.last
+    seconds = outcome.train_seconds
     result.update(
         status=outcome.status, epsilon=outcome.epsilon, steps=outcome.steps,
         test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"),
         val_accuracy=last.get("val_accuracy"), val_loss=last.get("val_loss"),
-        train_accuracy=last.get("train_accuracy"), train_loss=last.get("train_loss"),
         epochs_completed=len(outcome.history), resumed_from_epoch=outcome.resumed_from_epoch or None,
-        train_samples_per_second=outcome.samples_seen / outcome.train_seconds if outcome.train_seconds else None,
-        train_seconds=outcome.train_seconds, peak_memory_mb=peak_memory_mb(device))
+        # Throughput from public quantities only: steps × the expected batch B per second.
+        train_expected_samples_per_second=outcome.steps * cfg.trainer.batch_size / seconds if seconds else None,
+        train_seconds=seconds, peak_memory_mb=peak_memory_mb(device))
+    if settings.non_private_stats:
+        result[NON_PRIVATE] = {
+            "train_loss": last.get(f"{NON_PRIVATE}_train_loss"),
+            "train_accuracy": last.get(f"{NON_PRIVATE}_train_accuracy"),
+            "samples_seen": outcome.samples_seen,  # the sum of the sampled batch sizes
+            "train_samples_per_second": outcome.samples_seen / seconds if seconds else None}
     return result
 
 
@@ -212,7 +229,7 @@ def objective(result: dict[str, Any], optimized_metric: Any) -> Any:
         v = result.get(key)
         return float(v) if isinstance(v, (int, float)) and result.get("status") == "completed" else math.nan
     if optimized_metric is None:
-        return value("test_accuracy")
+        return value("val_accuracy")
     if isinstance(optimized_metric, str):
         return value(optimized_metric)
     return tuple(value(k) for k in optimized_metric)
@@ -225,6 +242,10 @@ def task(cfg: DictConfig) -> Any:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     metric = cfg.get("optimized_metric")
     try:
+        # Any sweeper that optimises the returned value (all but Hydra's grid sweeper) tunes
+        # on it: never on the test set, whichever sweeper it is.
+        if multirun and hydra_cfg.sweeper.get("_target_") != GRID_SWEEPER:
+            check_tuning_metric(cfg)
         result = train(cfg, output_dir)
     except ConfigError as err:
         log.error("%s", err)

@@ -23,7 +23,7 @@ import torch.nn as nn
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dp_sweeps import checkpoint as ckpt
@@ -32,7 +32,9 @@ from dp_sweeps.bookkeeping import FactoredGradSample
 from dp_sweeps.data import ImageData, random_crop_flip
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
-from dp_sweeps.results import MetricsLog
+from dp_sweeps.randomness import mechanism_generator
+from dp_sweeps.sampling import shuffled_index_loader
+from dp_sweeps.results import NON_PRIVATE, MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ class LoopSettings:
     augment: bool = False
     augmult: int = 1
     ema_decay: Optional[float] = None
-    secure_mode: bool = False
+    noise_seed: Optional[int] = None  # debugging only: replays the mechanism (dp_sweeps.randomness)
+    # Training loss/accuracy: functions of the private batches, outside the guarantee.
+    non_private_stats: bool = False
     eval_batch_size: int = 1024
     progress: bool = True
     checkpoint_every: int = 0
@@ -141,12 +145,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     return loss_sum / len(y), correct / len(y)
 
 
-def _index_loader(num_train: int, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """Batches of example indices; ``ceil(N / B)`` of them per epoch (Opacus's q = 1/len)."""
-    return DataLoader(TensorDataset(torch.arange(num_train)), batch_size=batch_size, shuffle=True,
-                      generator=generator)
-
-
 def _physical_batches(loader: DataLoader, *, cap: int, private: bool,
                       optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, float, bool]]:
     """Yield (indices, loss weight, take a step) per physical batch.
@@ -231,12 +229,17 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
     rank, world = distributed.rank(), distributed.world_size()
-    # Each rank's Poisson sampler draws its own coins (a shared seed would correlate
-    # the inclusion of examples on different ranks).
-    generators = {"sampler": torch.Generator().manual_seed(settings.seed + 1 + 7919 * rank),
-                  "noise": torch.Generator(device=device).manual_seed(settings.seed + 2),
-                  "augment": torch.Generator(device=device).manual_seed(settings.seed + 3)}
-    loader = _index_loader(data.num_train, settings.batch_size, generators["sampler"])
+    # The mechanism's noise and sampling coins are secret: fresh OS entropy per run, stream
+    # and rank (dp_sweeps.randomness), never ``seed``. ``seed`` fixes augmentation and the
+    # non-private data order (the same on every rank: each takes its slice of a batch).
+    generators = {"augment": torch.Generator(device=device).manual_seed(settings.seed + 3)}
+    if plan.private:
+        generators["noise"] = mechanism_generator("noise", noise_seed=settings.noise_seed, rank=rank, device=device)
+        generators["sampler"] = mechanism_generator("sampler", noise_seed=settings.noise_seed, rank=rank)
+    else:
+        generators["order"] = torch.Generator().manual_seed(settings.seed + 1)
+        loader = shuffled_index_loader(num_samples=data.num_train, batch_size=settings.batch_size,
+                                       generator=generators["order"])
     criterion = criterion or nn.CrossEntropyLoss()
     eval_criterion = criterion  # before Opacus may wrap it (ghost clipping)
     # The EMA copy is taken before Opacus attaches its hooks, so it carries none.
@@ -250,9 +253,9 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
     engine = None
     if plan.private:
         engine, model, optimizer, criterion, loader = make_private(
-            plan=plan, module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            plan=plan, module=model, optimizer=optimizer, criterion=criterion, num_samples=data.num_train,
             grad_sample_mode=settings.grad_sample_mode, noise_generator=generators["noise"],
-            secure_mode=settings.secure_mode)
+            sampler_generator=generators["sampler"])
     outcome = TrainingOutcome(status="completed")
     identity = dict(run_identity or {})
     base_optimizer = getattr(optimizer, "original_optimizer", optimizer)
@@ -309,9 +312,10 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
                     if not torch.isfinite(loss.detach()):
                         diverged = True
                         break
-                    loss_sum += loss.item() * len(y)
-                    correct += (logits.argmax(1) == y).sum().item()
                     seen += len(y)
+                    if settings.non_private_stats:  # functions of the private batches (not DP)
+                        loss_sum += loss.item() * len(y)
+                        correct += (logits.argmax(1) == y).sum().item()
                 (loss * weight).backward()
                 if copies > 1 and plan.private:
                     average_augmented_copies(model, copies)
@@ -334,8 +338,10 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
             outcome.steps = (sum(n for _, _, n in engine.accountant.history)
                              - sum(n for _, _, n in plan.prior_releases))
             outcome.epsilon = float(engine.get_epsilon(plan.delta))
-        row = {"epoch": epoch, "step": outcome.steps, "train_loss": loss_sum / seen if seen else math.nan,
-               "train_accuracy": correct / seen if seen else math.nan, "epsilon": outcome.epsilon}
+        row = {"epoch": epoch, "step": outcome.steps, "epsilon": outcome.epsilon}
+        if settings.non_private_stats:
+            row.update({f"{NON_PRIVATE}_train_loss": loss_sum / seen if seen else math.nan,
+                        f"{NON_PRIVATE}_train_accuracy": correct / seen if seen else math.nan})
         row["val_loss"], row["val_accuracy"] = evaluate(eval_model, data.val_x, data.val_y,
                                                         batch_size=settings.eval_batch_size, memory_format=memory_format,
                                                         criterion=eval_criterion, x_mirror=data.val_x_mirror)
@@ -346,8 +352,8 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
         outcome.history.append(row)
         if metrics is not None and rank == 0:
             metrics.write(row)
-        log.info("epoch %d/%d: train_loss=%.4f test_accuracy=%.4f epsilon=%s", epoch, settings.epochs,
-                 row["train_loss"], row["test_accuracy"], "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
+        log.info("epoch %d/%d: val_accuracy=%.4f test_accuracy=%.4f epsilon=%s", epoch, settings.epochs,
+                 row["val_accuracy"], row["test_accuracy"], "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
         if diverged:
             outcome.status = "diverged"
             log.warning("non-finite loss in epoch %d: the run diverged", epoch)

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.randomness import secure_mode_unavailable
 from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,15 @@ def validate_config(cfg: DictConfig) -> None:
                            high=MAX_NOISE_MULTIPLIER, high_open=False)
         require_number("privacy.delta", privacy.delta, low=MIN_DELTA, low_open=False, high=1)
         require_number("privacy.max_grad_norm", privacy.max_grad_norm, low=0)
+        if privacy.accountant == "gdp":
+            raise ConfigError("privacy.accountant='gdp' can under-report ε (a CLT approximation; Opacus warns), so it "
+                              "never calibrates σ nor reports a run's ε: use prv or rdp (the dry run shows GDP beside them)")
         require_choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+        if privacy.get("noise_seed") is not None:
+            require_number("privacy.noise_seed", privacy.noise_seed, low=0, low_open=False, integer=True)
+        reason = secure_mode_unavailable() if privacy.get("secure_mode") else None
+        if reason:
+            raise ConfigError(reason)
         require_choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
     if "lr" in cfg.optimizer:
         require_number("optimizer.lr", cfg.optimizer.lr, low=0)
@@ -108,9 +117,6 @@ def validate_config(cfg: DictConfig) -> None:
             if privacy.enabled or key != "noise_multiplier":
                 require_number(f"model.data_norm.{key}", settings.get(key), low=0, high_open=False,
                                high=MAX_NOISE_MULTIPLIER if key == "noise_multiplier" else None)
-        if privacy.enabled and privacy.accountant == "gdp":
-            raise ConfigError("model.norm='data' with privacy.accountant='gdp': GDP cannot compose the "
-                              "normalisation's release with DP-SGD; use prv or rdp")
 
 
 def validate_against_data(cfg: DictConfig, *, num_train: int) -> None:
@@ -123,3 +129,17 @@ def validate_against_data(cfg: DictConfig, *, num_train: int) -> None:
         if delta >= 1.0 / num_train:
             log.warning("privacy.delta=%g is >= 1/N = %g: such a δ allows releasing an example "
                         "outright; the usual choice is δ << 1/N", delta, 1.0 / num_train)
+
+
+def check_tuning_metric(cfg: DictConfig) -> None:
+    """A search must tune on the validation split held out of the training set: refuse
+    an ``optimized_metric`` read from the test set, or a ``val_*`` one with no split."""
+    metric = cfg.get("optimized_metric")
+    names = [metric] if isinstance(metric, str) else list(metric or [])
+    for name in names:
+        if str(name).startswith("test_"):
+            raise ConfigError(f"optimized_metric={name!r}: a search must not tune on the test set; "
+                              f"use val_{str(name)[len('test_'):]} with data.val_size > 0")
+        if str(name).startswith("val_") and not cfg.data.get("val_size"):
+            raise ConfigError(f"optimized_metric={name!r} needs data.val_size > 0 (examples held out of "
+                              f"the training set), got data.val_size={cfg.data.get('val_size')!r}")

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dp_sweeps.data import ImageData
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.results import NON_PRIVATE, non_private_stats_enabled
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,12 @@ def run_classical(cfg: DictConfig, *, data: ImageData, device: torch.device, out
     record.update(fields)
     record.setdefault("status", "planned" if cfg.dry_run else "completed")
     # Only DP-SGD's ε rests on an assumption a config can break (Poisson sampling).
-    record.setdefault("epsilon_valid", private)
+    # (and privacy.noise_seed, which makes the mechanism's noise replayable).
+    record.setdefault("epsilon_valid", private and cfg.privacy.get("noise_seed") is None)
+    # Training accuracy is a function of the private training set outside the mechanism.
+    train_accuracy = record.pop("train_accuracy", None)
+    if non_private_stats_enabled(cfg.trainer.get("non_private_stats"), private=private):
+        record[NON_PRIVATE] = {"train_accuracy": train_accuracy}
     if not private:
         record.update(epsilon=None, delta=None)
     log.info("%s (%s): test_accuracy=%s epsilon=%s delta=%s", classifier.name, record["status"],

@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from sklearn.naive_bayes import GaussianNB as SklearnGaussianNB
 from sklearn.utils.validation import validate_data
 
+from dp_sweeps.randomness import mechanism_random_state
 from dp_sweeps.classical import accuracy, as_matrix, register_classifier, target_epsilon
 from dp_sweeps.compat.sklearn_tree import import_diffprivlib
 from dp_sweeps.errors import ConfigError
@@ -159,7 +160,8 @@ def run_naive_bayes(cfg, settings: NaiveBayesSettings, *, data, device, output_d
         accountant = BudgetAccountant()
         model = PublicDomainGaussianNB(epsilon=epsilon, bounds=(lower, upper), classes=list(range(data.num_classes)),
                                        var_smoothing=settings.var_smoothing,
-                                       random_state=None if cfg.privacy.get("secure_mode") else cfg.seed,
+                                       random_state=mechanism_random_state(
+                                           "classical", noise_seed=cfg.privacy.get("noise_seed")),
                                        accountant=accountant)
         model.fit(train_x, train_y)
         epsilon_spent, _delta_spent = accountant.total()

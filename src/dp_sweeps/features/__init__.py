@@ -73,7 +73,8 @@ def compute_features(name: str, x: torch.Tensor, settings: Mapping, *, cache_dir
                                         sort_keys=True, default=str).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"{name}-{key}.pt"
         if path.is_file():
-            log.info("feature map %s: cached %s", name, path)
+            # The file name is a hash of the exact (private) inputs: never logged.
+            log.info("feature map %s: read from the cache in %s", name, path.parent)
             return torch.load(path, weights_only=True)
     outs = [fn(x[i:i + batch_size], **settings) for i in range(0, len(x), batch_size)]
     out = torch.cat(outs) if outs else fn(x[:0], **settings)

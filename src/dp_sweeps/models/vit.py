@@ -65,7 +65,8 @@ class DPVisionTransformer(VisionTransformer):
         self.cls_token = self.pos_embed = None
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pos_drop(self.token_embed(x.reshape(x.shape[0], -1, x.shape[-1])))
+        # flatten, not reshape(N, -1, D): an empty batch (N = 0) has no -1 to infer.
+        return self.pos_drop(self.token_embed(x.flatten(1, -2)))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
