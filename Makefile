@@ -37,11 +37,11 @@ bench: install
 
 ## Empirical privacy audit: ε lower bounds beside the claimed ε, and a broken-mechanism control.
 audit: install
-	$(PY) -m dp_sweeps.audit $(ARGS)
+	$(PY) -m dp_sweeps.privacy.audit $(ARGS)
 
 ## Gather runs and sweeps under outputs/ into tables and plots.
 report: install
-	$(PY) -m dp_sweeps.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report
+	$(PY) -m dp_sweeps.analysis.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report
 
 ## The paper's experiments (conf/experiment/paper_*.yaml), at SCALE=smoke or full.
 ## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated.
@@ -52,7 +52,7 @@ paper: $(addprefix paper-,$(PAPER_EXPERIMENTS))
 
 ## The paper's tables and plots from whatever has been run, into outputs/paper/<scale>/.
 paper-table: install
-	$(PY) -m dp_sweeps.paper $(OUTPUT_DIR)/paper/$(SCALE)
+	$(PY) -m dp_sweeps.analysis.paper $(OUTPUT_DIR)/paper/$(SCALE)
 
 clean:
 	rm -rf outputs/ .pytest_cache

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dp_sweeps.accounting import PRV_MAX_RDP_EPSILON, cross_check_epsilon, pld_epsilon
+from dp_sweeps.privacy.accounting import PRV_MAX_RDP_EPSILON, cross_check_epsilon, pld_epsilon
 
 PAPER_RATE = 256 / 50000
 PAPER = dict(noise_multiplier=0.912, sample_rate=PAPER_RATE, steps=int(100 / PAPER_RATE), delta=1e-5)

@@ -1,4 +1,4 @@
-"""dp_sweeps.bookkeeping: factored per-example gradients give Opacus's norms and clipped
+"""dp_sweeps.grad_sample.bookkeeping: factored per-example gradients give Opacus's norms and clipped
 sums, are really used by the hooks engine, and cannot reach an optimizer that would
 misread them."""
 
@@ -11,12 +11,14 @@ from opacus import GradSampleModule
 from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.optimizers import DPOptimizer
 
-import dp_sweeps.privacy  # noqa: F401  (installs the samplers, as every training run does)
-from dp_sweeps.bookkeeping import (BookkeepingDPOptimizer, FactoredGradSample, enable_bookkeeping,
+from dp_sweeps import grad_sample
+from dp_sweeps.grad_sample.bookkeeping import (BookkeepingDPOptimizer, FactoredGradSample, enable_bookkeeping,
                                    factored_grad_sample, factoring_pays)
-from dp_sweeps.grad_samplers import opacus_conv_grad_sample
+from dp_sweeps.grad_sample.samplers import opacus_conv_grad_sample
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import PrivacyPlan, make_private
+
+grad_sample.install()  # what make_private does first: our rules in Opacus's registries
 
 
 def _enabled(layer: nn.Module) -> nn.Module:

@@ -1,5 +1,5 @@
 """Classical classifiers under DP (dp_sweeps.classical) and the pixel feature maps:
-real tiny runs through train(), the mechanisms themselves (vote sensitivity, the
+real tiny runs through run(), the mechanisms themselves (vote sensitivity, the
 exponential mechanism's distribution, diffprivlib's budget split, the composition),
 and bad input refused with one line."""
 
@@ -15,10 +15,10 @@ import torch
 from dp_sweeps.classical import list_classifiers, register_classifier
 from dp_sweeps.classical.knn import composed_epsilon, epsilon_per_query_for, neighbour_votes, noisy_votes
 from dp_sweeps.classical.naive_bayes import PublicDomainGaussianNB
-from dp_sweeps.data import normalise
+from dp_sweeps.data.cifar10 import normalise
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.features.pixels import feature_bounds, pixels, random_projection
-from dp_sweeps.train import train
+from dp_sweeps.data.features.pixels import feature_bounds, pixels, random_projection
+from dp_sweeps.run import run
 from tests.conftest import compose_config, run_cli, tiny_overrides
 
 # Tiny, fast settings per classifier (RDP: Opacus's PRV calibration costs seconds per call).
@@ -41,7 +41,7 @@ def test_registry_lists_the_three_classifiers():
 @pytest.mark.parametrize("name", list(TINY))
 def test_private_classifier_learns_above_chance_at_large_epsilon(name, tiny_cifar, tmp_path):
     # The largest ε accepted, and a fixed draw of the noise (privacy.noise_seed): the bar is not a coin toss.
-    result = train(_cfg(tiny_cifar, name, "privacy.epsilon=30", "privacy.noise_seed=5"), tmp_path)
+    result = run(_cfg(tiny_cifar, name, "privacy.epsilon=30", "privacy.noise_seed=5"), tmp_path)
     assert result["status"] == "completed" and result["private"] is True
     assert result["family"] == "classical" and result["model"] == name
     assert result["test_accuracy"] > 3 * CHANCE, result
@@ -52,7 +52,7 @@ def test_private_classifier_learns_above_chance_at_large_epsilon(name, tiny_cifa
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_privacy_none_gives_the_non_private_baseline(name, tiny_cifar, tmp_path):
-    result = train(_cfg(tiny_cifar, name, "privacy=none"), tmp_path)
+    result = run(_cfg(tiny_cifar, name, "privacy=none"), tmp_path)
     assert result["status"] == "completed" and result["private"] is False
     assert result["epsilon"] is None and result["delta"] is None
     assert result["test_accuracy"] > 5 * CHANCE
@@ -60,7 +60,7 @@ def test_privacy_none_gives_the_non_private_baseline(name, tiny_cifar, tmp_path)
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_dry_run_plans_without_fitting(name, tiny_cifar, tmp_path):
-    result = train(_cfg(tiny_cifar, name, "privacy.epsilon=2", "dry_run=true"), tmp_path)
+    result = run(_cfg(tiny_cifar, name, "privacy.epsilon=2", "dry_run=true"), tmp_path)
     assert result["status"] == "planned"
     assert result.get("test_accuracy") is None
     assert 0 < result["epsilon"] <= 2 * (1 + 1e-9)
@@ -130,7 +130,7 @@ def test_naive_bayes_refuses_missing_bounds_and_bounds_without_zero():
 
 
 def test_naive_bayes_uses_the_maps_stated_bounds_not_the_data(tiny_cifar, tmp_path):
-    result = train(_cfg(tiny_cifar, "naive_bayes", "privacy.epsilon=5", "model.features.grey=true"), tmp_path)
+    result = run(_cfg(tiny_cifar, "naive_bayes", "privacy.epsilon=5", "model.features.grey=true"), tmp_path)
     lower, upper = feature_bounds({"name": "pixels", "size": 8, "grey": True})
     assert result["feature_bounds"] == [pytest.approx(lower.min()), pytest.approx(upper.max())]
     assert result["num_features"] == 64
@@ -258,7 +258,7 @@ def test_per_query_budget_composes_to_the_target(composition, target, queries):
 
 
 def test_knn_reports_the_budget_of_every_query(tiny_cifar, tmp_path):
-    result = train(_cfg(tiny_cifar, "knn", "privacy.epsilon=10", "data.val_size=50"), tmp_path)
+    result = run(_cfg(tiny_cifar, "knn", "privacy.epsilon=10", "data.val_size=50"), tmp_path)
     assert result["num_queries"] == result["num_test"] + result["num_val"] == 250
     assert result["epsilon"] == pytest.approx(composed_epsilon(
         epsilon_per_query=result["epsilon_per_query"], num_queries=250, delta=1e-5, composition="zcdp")[0])
@@ -269,7 +269,7 @@ def test_knn_reports_the_budget_of_every_query(tiny_cifar, tmp_path):
 
 def test_svm_trains_the_hinge_loss_through_fit_and_reports_the_accountants_epsilon(tiny_cifar, tmp_path,
                                                                                    monkeypatch):
-    import dp_sweeps.train as train_module
+    import dp_sweeps.training.network as train_module
     from dp_sweeps.privacy import epsilon_for
 
     criteria = []
@@ -280,7 +280,7 @@ def test_svm_trains_the_hinge_loss_through_fit_and_reports_the_accountants_epsil
         return real_fit(**kwargs)
 
     monkeypatch.setattr(train_module, "fit", spy)
-    result = train(_cfg(tiny_cifar, "svm", "privacy.epsilon=8", "trainer.epochs=2"), tmp_path)
+    result = run(_cfg(tiny_cifar, "svm", "privacy.epsilon=8", "trainer.epochs=2"), tmp_path)
     assert [type(c) for c in criteria] == [torch.nn.MultiMarginLoss]
     assert result["steps"] == 16 and result["parameters"] == 192 * 10 + 10
     assert result["epsilon"] == pytest.approx(epsilon_for(
@@ -305,7 +305,7 @@ def test_svm_trains_the_hinge_loss_through_fit_and_reports_the_accountants_epsil
 ])
 def test_bad_input_is_refused_with_one_line(name, overrides, message, tiny_cifar, tmp_path):
     with pytest.raises(ConfigError, match=message) as info:
-        train(_cfg(tiny_cifar, name, *overrides), tmp_path)
+        run(_cfg(tiny_cifar, name, *overrides), tmp_path)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "result.json").exists() and not (tmp_path / "metrics.csv").exists()
 

@@ -14,8 +14,8 @@ import pytest
 import submitit
 from omegaconf import OmegaConf
 
-from dp_sweeps import launcher as dp_launcher
-from dp_sweeps.results import read_result
+from dp_sweeps.sweeps import launcher as dp_launcher
+from dp_sweeps.training.results import read_result
 from tests.conftest import tiny_overrides
 from tests.test_sweeps import run_main
 
@@ -140,9 +140,9 @@ def test_slurm_config_becomes_the_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cfg = _compose_hydra("hparams_search=frontier", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                          "hydra.launcher.timeout_min=240", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert cfg.hydra.callbacks.register_sweeper._target_ == "dp_sweeps.search.RegisterSweeper"
+    assert cfg.hydra.callbacks.register_sweeper._target_ == "dp_sweeps.sweeps.search.RegisterSweeper"
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert params.pop("_target_") == "dp_sweeps.launcher.SlurmLauncher"
+    assert params.pop("_target_") == "dp_sweeps.sweeps.launcher.SlurmLauncher"
     launcher = dp_launcher.SlurmLauncher(**params)
     launcher.config = cfg
 
@@ -174,6 +174,6 @@ def test_slurm_config_becomes_the_sbatch_script(tmp_path, monkeypatch):
 
 def test_local_config_leaves_the_trainer_settings_to_the_user():
     cfg = _compose_hydra("hydra/launcher=local", "trainer.checkpoint_every=3")
-    assert cfg.hydra.launcher._target_ == "dp_sweeps.launcher.LocalLauncher"
+    assert cfg.hydra.launcher._target_ == "dp_sweeps.sweeps.launcher.LocalLauncher"
     assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.hydra.launcher.gpus_per_node == 1
     assert cfg.trainer.checkpoint_every == 3  # the trainer's settings stay the user's

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from dp_sweeps.accounting import cross_check_epsilon
-from dp_sweeps.data_normalization import ChannelStandardize, fit_data_normalization, private_channel_statistics
+from dp_sweeps.privacy.accounting import cross_check_epsilon
+from dp_sweeps.models.norms import ChannelStandardize
+from dp_sweeps.privacy.data_normalization import fit_data_normalization, private_channel_statistics
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import epsilon_for, plan_privacy, prior_epsilon
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 
 
@@ -117,7 +118,7 @@ def _scatter_cfg(tiny_cifar, feature_cache, *extra):
 
 
 def test_tiny_private_run_reports_the_release_and_charges_it(tiny_cifar, feature_cache, tmp_path):
-    result = train(_scatter_cfg(tiny_cifar, feature_cache, "privacy.noise_seed=0"), tmp_path)  # a fixed draw
+    result = run(_scatter_cfg(tiny_cifar, feature_cache, "privacy.noise_seed=0"), tmp_path)  # a fixed draw
     assert result["status"] == "completed" and result["prior_releases"] == [[8.0, 1.0, 2]]
     assert result["steps"] == 16  # DP-SGD's steps only: the release is not a step
     # The reported ε is the accountant's for the release and the steps taken.
@@ -130,7 +131,7 @@ def test_tiny_private_run_reports_the_release_and_charges_it(tiny_cifar, feature
 
 
 def test_dry_run_cross_checks_with_the_release(tiny_cifar, feature_cache, tmp_path):
-    result = train(_scatter_cfg(tiny_cifar, feature_cache, "dry_run=true"), tmp_path)
+    result = run(_scatter_cfg(tiny_cifar, feature_cache, "dry_run=true"), tmp_path)
     assert result["status"] == "planned"
     checks = result["epsilon_cross_check"]
     assert checks["prv"] == pytest.approx(result["planned_epsilon"], rel=1e-6)
@@ -144,5 +145,5 @@ def test_dry_run_cross_checks_with_the_release(tiny_cifar, feature_cache, tmp_pa
 ])
 def test_bad_data_norm_settings_fail_before_training(override, match, tiny_cifar, feature_cache, tmp_path):
     with pytest.raises(ConfigError, match=match):
-        train(_scatter_cfg(tiny_cifar, feature_cache, override), tmp_path)
+        run(_scatter_cfg(tiny_cifar, feature_cache, override), tmp_path)
     assert not (tmp_path / "result.json").exists()

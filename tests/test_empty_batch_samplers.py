@@ -14,9 +14,12 @@ import torch
 import torch.nn as nn
 from opacus import PrivacyEngine
 
-import dp_sweeps.privacy  # noqa: F401  (installs dp_sweeps.grad_samplers, as every run does)
-from dp_sweeps import bookkeeping, grad_samplers
+from dp_sweeps import grad_sample
+from dp_sweeps.grad_sample import bookkeeping
+from dp_sweeps.grad_sample import samplers as grad_samplers
 from dp_sweeps.models import create_model
+
+grad_sample.install()  # what make_private does first: our rules in Opacus's registries
 
 # Tiny builds of every registered deep model: (builder settings, input shape without N).
 MODELS = {
@@ -105,7 +108,7 @@ def _two_example_step(module, optimizer, criterion, shape) -> None:
 
 def test_our_rules_give_zero_rows_on_an_empty_batch():
     """Each per-example gradient or norm rule of ours, called as Opacus calls it."""
-    from dp_sweeps.grad_samplers import (build_conv2d_grad_sample, conv2d_grad_sample, conv2d_norm_sample,
+    from dp_sweeps.grad_sample.samplers import (build_conv2d_grad_sample, conv2d_grad_sample, conv2d_norm_sample,
                                          functorch_grad_sample, linear_grad_sample)
     from dp_sweeps.models.vit import TokenEmbedding, token_embedding_grad_sample
     from dp_sweeps.models.wrn import WSConv2d

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, open_dict
 
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import epsilon_for
-from dp_sweeps.results import RESULT_FILE
-from dp_sweeps.train import train
+from dp_sweeps.training.results import RESULT_FILE
+from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 
 # Configs with more steps than this are only planned, not trained (a 64-example run at
@@ -119,11 +119,11 @@ def run_or_refuse(base: DictConfig, mutation: dict[str, Any]) -> str:
         try:
             cfg = _with(base, mutation)
             if _long_run(cfg):
-                plan = train(_with(base, mutation, dry_run=True), out / "plan")
+                plan = run(_with(base, mutation, dry_run=True), out / "plan")
                 if plan["private"]:
                     _check_epsilon(plan, plan["planned_steps"], plan["planned_epsilon"])
                 return "planned"
-            result = train(cfg, out / "run")
+            result = run(cfg, out / "run")
         except ConfigError as err:
             message = str(err)
             assert message and "\n" not in message, f"not one line: {message!r}"

@@ -1,4 +1,4 @@
-"""dp_sweeps.grad_samplers: the faster stride-1 convolution sampler and the copy-free
+"""dp_sweeps.grad_sample.samplers: the faster stride-1 convolution sampler and the copy-free
 storage give exactly Opacus's per-example gradients, and are what Opacus runs; the
 hooks engine skips autograd's summed gradients and still takes Opacus's exact step."""
 
@@ -12,10 +12,12 @@ import torch.nn as nn
 from opacus import GradSampleModule
 from opacus.grad_sample import grad_sample_module
 
-import dp_sweeps.privacy  # noqa: F401  (installs the samplers, as every training run does)
-from dp_sweeps.grad_samplers import (conv2d_grad_sample, conv2d_norm_sample, fast_path_applies,
+from dp_sweeps import grad_sample
+from dp_sweeps.grad_sample.samplers import (conv2d_grad_sample, conv2d_norm_sample, fast_path_applies,
                                      opacus_conv_grad_sample,
                                      opacus_store_grad_sample, store_grad_sample)
+
+grad_sample.install()  # what make_private does first: our rules in Opacus's registries
 
 # (in, out, kernel, padding, stride, groups, height, width, bias)
 SHAPES = [
@@ -47,7 +49,7 @@ def test_conv_sampler_equals_opacus(c_in, c_out, kernel, padding, stride, groups
 
 
 def test_depthwise_path_is_taken_and_dilation_matches():
-    from dp_sweeps.grad_samplers import depthwise_grad_sample, is_depthwise
+    from dp_sweeps.grad_sample.samplers import depthwise_grad_sample, is_depthwise
 
     x = torch.randn(3, 4, 10, 9)
     assert not is_depthwise(nn.Conv2d(4, 4, 3, groups=2), x)
@@ -154,7 +156,7 @@ def test_ghost_branch_is_taken_on_small_maps():
 
 def _hooks_step(model_name: str, kwargs: dict, *, stock: bool):
     """A private step's p.grad (clipped, noised) and which parameters autograd filled."""
-    from dp_sweeps.grad_samplers import stock_opacus
+    from dp_sweeps.grad_sample.samplers import stock_opacus
     from dp_sweeps.models import create_model
     from dp_sweeps.privacy import PrivacyPlan, make_private
 

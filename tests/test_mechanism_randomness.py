@@ -10,23 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from dp_sweeps import randomness, train as train_module
+from dp_sweeps import run as run_module
+from dp_sweeps.privacy import randomness
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 
 
 def _run(tiny_cfg, tmp_path, monkeypatch, *overrides):
-    """train() on a tiny config; returns (result, initial weights, final weights)."""
+    """run() on a tiny config; returns (result, initial weights, final weights)."""
     initial = {}
-    real_build = train_module.build_model
+    real_build = run_module.build_model
 
     def build_and_record(*args, **kwargs):
         model = real_build(*args, **kwargs)
         initial.update({k: v.clone() for k, v in model.state_dict().items()})
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_and_record)
-    result = train(tiny_cfg("trainer.checkpoint_every=1", *overrides), tmp_path)
+    monkeypatch.setattr(run_module, "build_model", build_and_record)
+    result = run(tiny_cfg("trainer.checkpoint_every=1", *overrides), tmp_path)
     final = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     return result, initial, final
 
@@ -62,7 +63,7 @@ def test_the_mechanism_seeds_are_never_written(tiny_cfg, tmp_path, monkeypatch, 
     real = randomness.secrets.randbits
     monkeypatch.setattr(randomness.secrets, "randbits", lambda k: drawn.append(real(k)) or drawn[-1])
     with caplog.at_level(logging.DEBUG):
-        train(tiny_cfg(), tmp_path)
+        run(tiny_cfg(), tmp_path)
     assert len(drawn) == 2  # the noise and the sampling streams
     written = caplog.text + "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     for value in drawn:
@@ -94,7 +95,7 @@ def test_classical_noise_does_not_follow_the_global_numpy_seed():
 
 def test_data_normalisation_noise_is_fresh_per_run(tiny_cifar, tmp_path):
     """The DP data-normalisation release (seed + 4 on 89ac991: replayable)."""
-    from dp_sweeps.data_normalization import fit_data_normalization
+    from dp_sweeps.privacy.data_normalization import fit_data_normalization
     from dp_sweeps.models import create_model
 
     x = torch.rand(64, 6, 4, 4)
@@ -110,18 +111,18 @@ def test_data_normalisation_noise_is_fresh_per_run(tiny_cifar, tmp_path):
 
 def test_secure_mode_is_refused_before_training_with_the_reason(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="secure_mode=true needs torchcsprng"):
-        train(tiny_cfg("privacy.secure_mode=true"), tmp_path)
+        run(tiny_cfg("privacy.secure_mode=true"), tmp_path)
     assert not (tmp_path / "result.json").exists()
 
 
 def test_gdp_never_calibrates_nor_reports(tiny_cfg, tmp_path):
     """GDP under-reports ε (σ=0.8, q=0.1, 50 steps: GDP 6.35 vs PRV 8.07); on 89ac991 it
     calibrated σ and its ε was reported as valid."""
-    from dp_sweeps.accounting import cross_check_epsilon
+    from dp_sweeps.privacy.accounting import cross_check_epsilon
     from dp_sweeps.privacy import epsilon_for
 
     with pytest.raises(ConfigError, match="privacy.accountant='gdp' can under-report"):
-        train(tiny_cfg("privacy.accountant=gdp"), tmp_path)
+        run(tiny_cfg("privacy.accountant=gdp"), tmp_path)
     assert not (tmp_path / "result.json").exists()
     checks = cross_check_epsilon(noise_multiplier=0.8, sample_rate=0.1, steps=50, delta=1e-5)
     assert checks["gdp"] < checks["prv"] - 1  # shown beside the others, and visibly lower
@@ -130,7 +131,7 @@ def test_gdp_never_calibrates_nor_reports(tiny_cfg, tmp_path):
 
 def test_the_feature_cache_key_is_not_logged(tmp_path, caplog):
     """The cache file's name hashes the exact private inputs: it stays out of the logs."""
-    from dp_sweeps.features import compute_features
+    from dp_sweeps.data.features import compute_features
 
     x = torch.rand(4, 3, 32, 32)
     with caplog.at_level(logging.DEBUG):

@@ -10,7 +10,7 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
 from dp_sweeps.models import create_model, list_models
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 
 TINY = {
     "convnet": ["model.width=4", "model.hidden=16"],
@@ -33,7 +33,7 @@ def test_tiny_model_takes_private_steps_through_the_real_loader(name, tiny_cifar
     from tests.conftest import compose_config, tiny_overrides
 
     cfg = compose_config(tiny_overrides(tiny_cifar) + [f"model={name}", *TINY[name], "privacy.epsilon=8"])
-    result = train(cfg, tmp_path)
+    result = run(cfg, tmp_path)
     assert result["status"] == "completed"
     assert result["private"] is True
     assert result["steps"] == 8  # ceil(500 / 64) Poisson steps in one epoch

@@ -1,7 +1,7 @@
 """Convolutions padded by reflection, replication or wrap-around (``padding_mode`` other
 than ``'zeros'``): Opacus's hooks and ghost engines get their per-example gradients and
 norms wrong (their rule unfolds the input with zero padding), so
-:func:`dp_sweeps.grad_samplers.check_per_example_support` refuses them there, naming the
+:func:`dp_sweeps.grad_sample.samplers.check_per_example_support` refuses them there, naming the
 layer; the functorch and ExpandedWeights engines differentiate the layer's own forward and
 are exact, so they are allowed. Every claim is checked against an explicit per-example
 autograd loop."""
@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from opacus import GradSampleModule, PrivacyEngine
 
-import dp_sweeps.privacy  # noqa: F401  (installs dp_sweeps.grad_samplers, as every run does)
+import dp_sweeps.privacy  # noqa: F401  (installs dp_sweeps.grad_sample.samplers, as every run does)
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.grad_samplers import check_per_example_support, conv2d_grad_sample, conv2d_norm_sample, stock_opacus
+from dp_sweeps.grad_sample.samplers import check_per_example_support, conv2d_grad_sample, conv2d_norm_sample, stock_opacus
 from dp_sweeps.models import create_model
 
 PADDING_MODES = ("reflect", "replicate", "circular")

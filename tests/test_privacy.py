@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dp_sweeps.privacy import PrivacyPlan, calibrate_noise_multiplier, epsilon_for, make_private
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 
 
@@ -34,7 +34,7 @@ def _private(model, *, plan, num_train, batch_size, seed=0):
 def test_paper_setting_dry_run_calibrates_sigma_0912(full_size_cifar, tmp_path):
     cfg = compose_config(tiny_overrides(full_size_cifar) + ["trainer.epochs=100", "trainer.batch_size=256",
                                                             "dry_run=true"])
-    result = train(cfg, tmp_path)
+    result = run(cfg, tmp_path)
     assert result["status"] == "planned"
     assert result["noise_multiplier"] == pytest.approx(0.912, abs=0.01)
     assert result["planned_epsilon"] <= 5.0 + 0.01
@@ -119,7 +119,7 @@ def test_poisson_sampling_has_binomial_batch_sizes():
 
 
 def test_privacy_none_runs_through_the_same_loop(tiny_cfg, tmp_path):
-    result = train(tiny_cfg("privacy=none"), tmp_path)
+    result = run(tiny_cfg("privacy=none"), tmp_path)
     assert result["status"] == "completed"
     assert result["private"] is False
     assert result["epsilon"] is None and result["noise_multiplier"] is None
@@ -127,7 +127,7 @@ def test_privacy_none_runs_through_the_same_loop(tiny_cfg, tmp_path):
 
 
 def test_given_noise_multiplier_reports_its_epsilon(tiny_cfg, tmp_path):
-    result = train(tiny_cfg("privacy.noise_multiplier=2.0"), tmp_path)
+    result = run(tiny_cfg("privacy.noise_multiplier=2.0"), tmp_path)
     expected = epsilon_for(noise_multiplier=2.0, sample_rate=1 / 8, steps=8, delta=1e-5)
     assert result["noise_multiplier"] == 2.0
     assert result["target_epsilon"] is None
@@ -136,8 +136,8 @@ def test_given_noise_multiplier_reports_its_epsilon(tiny_cfg, tmp_path):
 
 def test_physical_batches_give_the_same_private_run(tiny_cfg, tmp_path):
     """BatchMemoryManager splits logical batches without changing steps or ε."""
-    whole = train(tiny_cfg("trainer.batch_size=128"), tmp_path / "whole")
-    split = train(tiny_cfg("trainer.batch_size=128", "trainer.physical_batch_size=16"), tmp_path / "split")
+    whole = run(tiny_cfg("trainer.batch_size=128"), tmp_path / "whole")
+    split = run(tiny_cfg("trainer.batch_size=128", "trainer.physical_batch_size=16"), tmp_path / "split")
     assert whole["steps"] == split["steps"] == 4
     assert whole["epsilon"] == pytest.approx(split["epsilon"], rel=1e-9)
 
@@ -146,7 +146,7 @@ def test_physical_batches_give_the_same_private_run(tiny_cfg, tmp_path):
 def test_empty_poisson_batches_still_add_noise(tiny_cfg, tmp_path, monkeypatch, mode):
     """An expected batch of 1 makes about a third of the Poisson batches empty: each must
     still be a (noise-only) step, counted by the accountant, in every engine auto picks."""
-    result = train(tiny_cfg("trainer.batch_size=1", "data.train_subset=50", "privacy.noise_multiplier=1.0",
+    result = run(tiny_cfg("trainer.batch_size=1", "data.train_subset=50", "privacy.noise_multiplier=1.0",
                             "optimizer.lr=0.1", f"privacy.grad_sample_mode={mode}"), tmp_path)
     assert result["status"] == "completed" and result["steps"] == 50
     assert result["epsilon"] == pytest.approx(epsilon_for(noise_multiplier=1.0, sample_rate=1 / 50, steps=50,

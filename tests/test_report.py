@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from dp_sweeps.report import (HONEST_EPSILON, INVALID_MARK, collect_runs, main, markdown_table, plot_pareto,
+from dp_sweeps.analysis.report import (HONEST_EPSILON, INVALID_MARK, collect_runs, main, markdown_table, plot_pareto,
                               seed_summary, write_report)
-from dp_sweeps.results import write_result
+from dp_sweeps.training.results import write_result
 from tests.conftest import compose_config, tiny_overrides
 
 
 def _run(root, name, *, tiny_cifar, overrides=(), **result):
-    """A run folder as Hydra and dp_sweeps.train leave it."""
+    """A run folder as Hydra and dp_sweeps.run leave it."""
     run_dir = root / name
     overrides = [*tiny_overrides(tiny_cifar), "model=convnet", *overrides]
     cfg = compose_config(overrides)

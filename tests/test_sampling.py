@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from dp_sweeps.privacy import PrivacyPlan, make_private, steps_per_epoch
-from dp_sweeps.sampling import PoissonBatchSampler, poisson_index_loader
-from dp_sweeps.train import train
+from dp_sweeps.privacy.sampling import PoissonBatchSampler, poisson_index_loader
+from dp_sweeps.run import run
 
 
 def _plan(num_train: int, batch_size: int) -> PrivacyPlan:
@@ -78,7 +78,7 @@ def test_ranks_sample_disjoint_shards_and_keep_empty_batches():
 
 def test_an_affected_batch_size_trains_end_to_end(tiny_cfg, tmp_path):
     """data.train_subset=465 trainer.batch_size=5: 93 steps per epoch (crashed on 89ac991)."""
-    result = train(tiny_cfg("data.train_subset=465", "trainer.batch_size=5", "privacy.accountant=rdp",
+    result = run(tiny_cfg("data.train_subset=465", "trainer.batch_size=5", "privacy.accountant=rdp",
                             "privacy.noise_multiplier=2.0"), tmp_path)
     assert result["status"] == "completed"
     assert result["steps"] == result["planned_steps"] == 93

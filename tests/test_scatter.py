@@ -10,13 +10,13 @@ import torch.nn as nn
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
-from dp_sweeps import features as feature_maps
+from dp_sweeps.data import features as feature_maps
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.features import apply_feature_map, compute_features
-from dp_sweeps.features.scattering import num_scattering_paths, scattering
+from dp_sweeps.data.features import apply_feature_map, compute_features
+from dp_sweeps.data.features.scattering import num_scattering_paths, scattering
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import plan_privacy
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 
 SPEC = {"name": "scattering", "J": 2, "L": 8}
@@ -144,7 +144,7 @@ def test_tiny_private_run_on_scattering_features(name, tiny_cifar, feature_cache
         f"experiment=tramer_boneh_{name}", "data.test_subset=100", "trainer.batch_size=64", "trainer.epochs=2",
         "trainer.physical_batch_size=32", "privacy.epsilon=8", f"data.feature_cache={feature_cache}",
         "privacy.noise_seed=0"])  # a fixed draw of the noise: the accuracy bar below is not a coin toss
-    result = train(cfg, tmp_path)
+    result = run(cfg, tmp_path)
     assert result["status"] == "completed" and result["model"] == name
     assert result["steps"] == 16 and 0 < result["epsilon"] <= 8.0
     assert result["max_grad_norm"] == 0.1

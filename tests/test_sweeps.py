@@ -21,9 +21,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.report import collect_runs, write_report
-from dp_sweeps.results import read_result
-from dp_sweeps.search import check_tuning_metric, last_override_wins, trial_outcome
+from dp_sweeps.analysis.report import collect_runs, write_report
+from dp_sweeps.training.results import read_result
+from dp_sweeps.sweeps.search import check_tuning_metric, last_override_wins, trial_outcome
 from tests.conftest import compose_config, tiny_overrides
 
 TrialState = optuna.trial.TrialState
@@ -214,7 +214,7 @@ def test_search_configs_compose_with_their_spaces(tiny_cifar):
                                               "trainer.epochs", "optimizer"}
     for cfg in (frontier, tune):
         assert cfg.data.val_size > 0 and cfg.hydra.mode.name == "MULTIRUN"
-        assert cfg.hydra.sweeper._target_ == "dp_sweeps.search.ResumableOptunaSweeper"
+        assert cfg.hydra.sweeper._target_ == "dp_sweeps.sweeps.search.ResumableOptunaSweeper"
     assert tune.hydra.sweeper.study_name == "tune_at_epsilon_efficientnet_eps3"
     assert frontier.hydra.sweeper.storage == f"sqlite:///{frontier.paths.output_dir}/optuna/frontier_efficientnet.db"
 
@@ -226,7 +226,7 @@ def test_a_later_override_replaces_a_search_range_or_a_fixed_value():
 
 
 def test_a_trial_whose_process_died_is_failed_after_the_grace_period(tmp_path, monkeypatch):
-    from dp_sweeps import search
+    from dp_sweeps.sweeps import search
 
     monkeypatch.setattr(search, "HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr(search, "GRACE_SECONDS", 2)  # sqlite's clock ticks in whole seconds

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dp_sweeps import training
-from dp_sweeps.checkpoint import checkpoint_path, load_checkpoint
+from dp_sweeps.training import backend, ema, loop
+from dp_sweeps.training.evaluate import evaluate
+from dp_sweeps.training.checkpoint import checkpoint_path, load_checkpoint
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 
 
@@ -40,7 +41,7 @@ def test_augmult_averages_copies_before_clipping():
     x = torch.randn(3 * copies, 3, 2, 2) * 5
     y = torch.tensor([0, 1, 2]).repeat_interleave(copies)
     criterion(model(x), y).backward()
-    training.average_augmented_copies(model, copies)
+    loop.average_augmented_copies(model, copies)
     for p, q in zip(model.parameters(), reference.parameters()):
         assert p.grad_sample.shape[0] == 3
         for i in range(3):  # explicit per-example loop
@@ -55,8 +56,8 @@ def test_augmult_averages_copies_before_clipping():
 
 
 def test_augmult_run_keeps_steps_and_epsilon(tiny_cfg, tmp_path):
-    plain = train(tiny_cfg("data.augment=true"), tmp_path / "plain")
-    multi = train(tiny_cfg("data.augment=true", "trainer.augmult=3", "trainer.physical_batch_size=32"),
+    plain = run(tiny_cfg("data.augment=true"), tmp_path / "plain")
+    multi = run(tiny_cfg("data.augment=true", "trainer.augmult=3", "trainer.physical_batch_size=32"),
                   tmp_path / "augmult")
     assert multi["status"] == "completed"
     assert multi["steps"] == plain["steps"] and multi["epsilon"] == pytest.approx(plain["epsilon"])
@@ -64,28 +65,28 @@ def test_augmult_run_keeps_steps_and_epsilon(tiny_cfg, tmp_path):
 
 def test_augmult_refuses_ghost_clipping(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="trainer.augmult>1 needs per-example gradients"):
-        train(tiny_cfg("trainer.augmult=2", "privacy.grad_sample_mode=ghost"), tmp_path)
+        run(tiny_cfg("trainer.augmult=2", "privacy.grad_sample_mode=ghost"), tmp_path)
 
 
 def test_ema_weights_are_the_ones_evaluated(tiny_cfg, tmp_path, monkeypatch):
     """Evaluation sees the EMA copy. With the average frozen after its first update
     (the weights after step 1), what is evaluated differs from the trained weights."""
     evaluated, emas = [], []
-    real_evaluate = training.evaluate
+    real_evaluate = loop.evaluate
 
     def spy(model, x, y, **kw):
         evaluated.append((model, [p.detach().clone() for p in model.parameters()]))
         return real_evaluate(model, x, y, **kw)
 
-    class RecordingAveragedModel(training.AveragedModel):
+    class RecordingAveragedModel(ema.AveragedModel):
         def __init__(self, model, **kw):
             super().__init__(model, **kw)
             emas.append(self)
 
-    monkeypatch.setattr(training, "evaluate", spy)
-    monkeypatch.setattr(training, "AveragedModel", RecordingAveragedModel)
-    monkeypatch.setattr(training, "_ema_with_warmup", lambda decay: (lambda ema, params, n: None))
-    result = train(tiny_cfg("trainer.ema_decay=0.999", "optimizer.lr=0.05", "trainer.checkpoint_every=1"), tmp_path)
+    monkeypatch.setattr(loop, "evaluate", spy)
+    monkeypatch.setattr(ema, "AveragedModel", RecordingAveragedModel)
+    monkeypatch.setattr(ema, "ema_with_warmup", lambda decay: (lambda averaged, params, n: None))
+    result = run(tiny_cfg("trainer.ema_decay=0.999", "optimizer.lr=0.05", "trainer.checkpoint_every=1"), tmp_path)
     assert result["status"] == "completed" and result["steps"] > 1
     trained = load_checkpoint(checkpoint_path(tmp_path))["model"]
     model, weights = evaluated[-1]
@@ -94,19 +95,19 @@ def test_ema_weights_are_the_ones_evaluated(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_ema_update_has_warmup():
-    ema, param = [torch.zeros(3)], [torch.ones(3)]
-    update = training._ema_with_warmup(0.999)
-    update(ema, param, torch.tensor(0))  # t=0: decay (1+0)/(10+0) = 0.1
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    averaged, param = [torch.zeros(3)], [torch.ones(3)]
+    update = ema.ema_with_warmup(0.999)
+    update(averaged, param, torch.tensor(0))  # t=0: decay (1+0)/(10+0) = 0.1
+    assert torch.allclose(averaged[0], torch.full((3,), 0.9))
 
 
 def test_ema_copies_integer_and_bool_buffers():
     """use_buffers=True hands buffers to the update too: a flag or a counter is copied, not lerped."""
-    ema = [torch.zeros(2), torch.tensor(False), torch.tensor(3)]
+    averaged = [torch.zeros(2), torch.tensor(False), torch.tensor(3)]
     live = [torch.ones(2), torch.tensor(True), torch.tensor(7)]
-    training._ema_with_warmup(0.999)(ema, live, torch.tensor(0))
-    assert torch.allclose(ema[0], torch.full((2,), 0.9))
-    assert bool(ema[1]) and int(ema[2]) == 7
+    ema.ema_with_warmup(0.999)(averaged, live, torch.tensor(0))
+    assert torch.allclose(averaged[0], torch.full((2,), 0.9))
+    assert bool(averaged[1]) and int(averaged[2]) == 7
 
 
 def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
@@ -115,11 +116,11 @@ def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
     share privacy.noise_seed so that they can be compared at all: by default each run's
     noise is fresh.)"""
     overrides = ("trainer.epochs=3", "trainer.checkpoint_every=1", "data.augment=true", "privacy.noise_seed=5")
-    full = train(tiny_cfg(*overrides), tmp_path / "full")
+    full = run(tiny_cfg(*overrides), tmp_path / "full")
     full_weights = load_checkpoint(checkpoint_path(tmp_path / "full"))["model"]
 
     calls = {"n": 0}
-    real_save = training.ckpt.save_checkpoint
+    real_save = loop.ckpt.save_checkpoint
 
     def crash_after_first(path, payload):
         real_save(path, payload)
@@ -127,12 +128,12 @@ def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
         if calls["n"] == 1:
             raise KeyboardInterrupt("simulated kill after epoch 1")
 
-    monkeypatch.setattr(training.ckpt, "save_checkpoint", crash_after_first)
+    monkeypatch.setattr(loop.ckpt, "save_checkpoint", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(*overrides), tmp_path / "cut")
+        run(tiny_cfg(*overrides), tmp_path / "cut")
     assert not (tmp_path / "cut" / "result.json").exists()
     assert load_checkpoint(checkpoint_path(tmp_path / "cut"))["epoch"] == 1
-    resumed = train(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
+    resumed = run(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
     assert resumed["resumed_from_epoch"] == 2
     assert resumed["steps"] == full["steps"] == 24
     assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
@@ -142,27 +143,27 @@ def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
     rows = (tmp_path / "cut" / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
     # A finished run is not trained again.
-    again = train(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
+    again = run(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
     assert again["wall_seconds"] == resumed["wall_seconds"]
 
 
 def test_checkpoint_with_other_privacy_settings_is_refused(tiny_cfg, tmp_path):
-    train(tiny_cfg("trainer.epochs=2", "trainer.checkpoint_every=1"), tmp_path)
+    run(tiny_cfg("trainer.epochs=2", "trainer.checkpoint_every=1"), tmp_path)
     (tmp_path / "result.json").unlink()
     with pytest.raises(ConfigError, match="written with noise_multiplier=.*refusing to resume"):
-        train(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.noise_multiplier=3.0"), tmp_path)
+        run(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.noise_multiplier=3.0"), tmp_path)
     with pytest.raises(ConfigError, match="written with max_grad_norm=1.0.*config gives max_grad_norm=2.0"):
-        train(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.max_grad_norm=2.0"), tmp_path)
+        run(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.max_grad_norm=2.0"), tmp_path)
 
 
 def test_cpu_memory_reuse_is_opt_in(tiny_cfg, monkeypatch):
     """glibc memory reuse fragments the heap (EfficientNet bench: 15 GB vs 9.3 GB): off unless asked."""
     calls = []
-    monkeypatch.setattr(training, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(backend, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
     assert tiny_cfg().trainer.reuse_cpu_memory is False
-    training.configure_backend(torch.device("cpu"))
+    backend.configure_backend(torch.device("cpu"))
     assert calls == []
-    training.configure_backend(torch.device("cpu"), reuse_cpu_memory=True)
+    backend.configure_backend(torch.device("cpu"), reuse_cpu_memory=True)
     assert calls == [1]
 
 
@@ -171,24 +172,24 @@ def test_eval_flip_scores_the_mean_of_the_two_logits():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x, y = torch.randn(50, 3, 2, 2), torch.randint(0, 3, (50,))
     mirror = x.flip(-1)
-    loss, accuracy = training.evaluate(model, x, y, batch_size=16, x_mirror=mirror)
+    loss, accuracy = evaluate(model, x, y, batch_size=16, x_mirror=mirror)
     with torch.no_grad():
         logits = (model(x) + model(mirror)) / 2
     assert accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
     assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
-    assert training.evaluate(model, x, y)[1] != accuracy or not torch.equal(model(x), logits)
+    assert evaluate(model, x, y)[1] != accuracy or not torch.equal(model(x), logits)
 
 
 def test_eval_flip_run_evaluates_the_mirrored_images(tiny_cfg, tmp_path, monkeypatch):
     seen = []
-    real_evaluate = training.evaluate
+    real_evaluate = loop.evaluate
 
     def spy(model, x, y, **kw):
         seen.append((x, kw.get("x_mirror")))
         return real_evaluate(model, x, y, **kw)
 
-    monkeypatch.setattr(training, "evaluate", spy)
-    result = train(tiny_cfg("trainer.eval_flip=true", "data.val_size=32"), tmp_path)
+    monkeypatch.setattr(loop, "evaluate", spy)
+    result = run(tiny_cfg("trainer.eval_flip=true", "data.val_size=32"), tmp_path)
     assert result["status"] == "completed"
     assert len(seen) == 2  # val and test, one epoch
     for x, mirror in seen:
@@ -197,7 +198,7 @@ def test_eval_flip_run_evaluates_the_mirrored_images(tiny_cfg, tmp_path, monkeyp
 
 def test_eval_flip_mirrors_go_through_the_feature_map():
     from dp_sweeps.data import ImageData
-    from dp_sweeps.features import apply_feature_map, compute_features
+    from dp_sweeps.data.features import apply_feature_map, compute_features
 
     torch.manual_seed(0)
     data = ImageData(train_x=torch.randn(4, 3, 32, 32), train_y=torch.zeros(4, dtype=torch.long),
@@ -212,7 +213,7 @@ def test_eval_flip_mirrors_go_through_the_feature_map():
 
 def test_eval_flip_bad_input_is_refused(tiny_cfg, tiny_cifar, tmp_path):
     with pytest.raises(ConfigError, match="trainer.eval_flip='yes' must be true or false"):
-        train(tiny_cfg("trainer.eval_flip=yes"), tmp_path)
+        run(tiny_cfg("trainer.eval_flip=yes"), tmp_path)
     with pytest.raises(ConfigError, match="classical classifier"):
-        train(compose_config(tiny_overrides(tiny_cifar) + ["model=naive_bayes", "trainer.eval_flip=true"]), tmp_path)
+        run(compose_config(tiny_overrides(tiny_cifar) + ["model=naive_bayes", "trainer.eval_flip=true"]), tmp_path)
     assert not (tmp_path / "result.json").exists()

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 from tests.conftest import compose_config, run_cli, tiny_overrides, REPO
 
 BAD = [
@@ -35,7 +35,7 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_refused_before_training(override, message, tiny_cfg, tmp_path):
     with pytest.raises(ConfigError) as info:
-        train(tiny_cfg(override), tmp_path)
+        run(tiny_cfg(override), tmp_path)
     text = str(info.value)
     assert message in text and "\n" not in text
     assert not (tmp_path / "result.json").exists()
@@ -45,7 +45,7 @@ def test_bad_input_is_refused_before_training(override, message, tiny_cfg, tmp_p
 def test_missing_dataset_with_download_off(tmp_path):
     cfg = compose_config(tiny_overrides(tmp_path / "nowhere") + ["model=convnet"])
     with pytest.raises(ConfigError, match="CIFAR-10 not found under .*data.download=false"):
-        train(cfg, tmp_path / "run")
+        run(cfg, tmp_path / "run")
 
 
 def test_corrupted_dataset_file_is_refused(tiny_cifar, tmp_path):
@@ -55,16 +55,16 @@ def test_corrupted_dataset_file_is_refused(tiny_cifar, tmp_path):
     batch.write_bytes(batch.read_bytes()[:1000])  # truncated
     unverified = compose_config(tiny_overrides(root) + ["model=convnet"])
     with pytest.raises(ConfigError, match="corrupted"):
-        train(unverified, tmp_path / "run1")
+        run(unverified, tmp_path / "run1")
     verified = compose_config(tiny_overrides(root) + ["model=convnet", "data.verify_checksums=true"])
     with pytest.raises(ConfigError, match="data_batch_1 fails its official md5"):
-        train(verified, tmp_path / "run2")  # the tiny copy's bytes are not the official ones
+        run(verified, tmp_path / "run2")  # the tiny copy's bytes are not the official ones
     assert not list(tmp_path.rglob("result.json"))
 
 
 def test_delta_at_least_one_over_n_warns(tiny_cfg, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        train(tiny_cfg("privacy.delta=0.01", "dry_run=true"), tmp_path)
+        run(tiny_cfg("privacy.delta=0.01", "dry_run=true"), tmp_path)
     assert any("privacy.delta=0.01 is >= 1/N" in r.getMessage() for r in caplog.records)
 
 

@@ -15,7 +15,7 @@ from opacus.validators import ModuleValidator
 from dp_sweeps.models import create_model
 from dp_sweeps.models.wrn import WSConv2d
 from dp_sweeps.privacy import steps_per_epoch
-from dp_sweeps.train import train
+from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 
 TINY = {"depth": 10, "width": 1}  # one block per stage, 16/32/64 channels
@@ -101,7 +101,7 @@ def test_tiny_private_run_of_the_recipe(tiny_cifar, tmp_path):
         "trainer.batch_size=50", "trainer.physical_batch_size=25", "trainer.augmult=2",
         "data.train_subset=100", "data.test_subset=50",
         "privacy.noise_multiplier=2.0"])  # a fixed σ: calibrating at q = 1/2 costs more than the run
-    result = train(cfg, tmp_path)
+    result = run(cfg, tmp_path)
     assert result["status"] == "completed" and result["model"] == "wrn16_4"
     assert result["steps"] == 2 and result["epsilon"] == pytest.approx(result["planned_epsilon"], rel=1e-6)
     assert 0.0 <= result["test_accuracy"] <= 1.0

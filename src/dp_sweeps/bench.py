@@ -3,7 +3,7 @@ model, non-private and under each Opacus per-example gradient engine.
 
 What is timed is the project's own training step: each measurement composes the real
 Hydra config (``model=<name>``, ``privacy=dp`` or ``privacy=none``), builds the model
-and optimizer as :func:`dp_sweeps.train.train` does, plans privacy with
+and optimizer as :func:`dp_sweeps.run.run` does, plans privacy with
 :func:`dp_sweeps.privacy.plan_privacy` and runs :func:`dp_sweeps.training.fit` for
 one epoch over ``steps`` logical batches of random CIFAR-shaped tensors (the
 validation and test sets are empty, so no evaluation is timed). Throughput is
@@ -53,12 +53,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from dp_sweeps import grad_samplers
+from dp_sweeps.grad_sample import samplers as grad_samplers
 from dp_sweeps.data import ImageData
 from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.privacy import GRAD_SAMPLE_MODES, plan_privacy, resolve_grad_sample_mode
-from dp_sweeps.train import build_model, build_optimizer, loop_settings, seed_everything
-from dp_sweeps.training import configure_backend, fit, resolve_device
+from dp_sweeps.run import build_model, seed_everything
+from dp_sweeps.training.backend import configure_backend, resolve_device
+from dp_sweeps.training.loop import fit
+from dp_sweeps.training.network import build_optimizer, loop_settings
 from dp_sweeps.validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ log = logging.getLogger(__name__)
 DEEP_MODELS = ("convnet", "resnet18", "efficientnet", "vit", "densenet121")
 # "none" is privacy=none (the non-private baseline); the rest are Opacus engines.
 NON_PRIVATE = "none"
-# Opacus's hooks engine exactly as Opacus ships it (without dp_sweeps.grad_samplers): the
+# Opacus's hooks engine exactly as Opacus ships it (without dp_sweeps.grad_sample.samplers): the
 # baseline that "hooks" (ours) and every other engine must not be slower than.
 STOCK_HOOKS = "opacus_hooks"
 ENGINES = tuple(m for m in GRAD_SAMPLE_MODES if m != "auto")
@@ -195,8 +197,8 @@ def run_fit(*, cfg: DictConfig, data: ImageData, device: torch.device,
     # The run's own trainer settings (memory format, augmentation, ...), for one epoch, nothing saved.
     settings = replace(loop_settings(cfg, grad_sample_mode=mode), epochs=1, progress=False,
                        checkpoint_every=0, resume=False)
-    configure_backend(device, tf32=cfg.trainer.get("tf32", True),
-                      reuse_cpu_memory=cfg.trainer.get("reuse_cpu_memory", False))
+    configure_backend(device, tf32=cfg.trainer.tf32,
+                      reuse_cpu_memory=cfg.trainer.reuse_cpu_memory)
     with warnings.catch_warnings(), (grad_samplers.stock_opacus() if stock_opacus else contextlib.nullcontext()):
         warnings.simplefilter("ignore")  # Opacus's secure-RNG and functorch batching hints
         outcome = fit(model=model, optimizer=optimizer, data=data, plan=plan, settings=settings, device=device)
@@ -313,7 +315,7 @@ def markdown_table(records: list[dict]) -> str:
                   f"relative to privacy=none for the same model (1.00 = no overhead). "
                   f"Peak memory: {first['memory_method']}.", "",
                   f"{STOCK_HOOKS}: Opacus's hooks engine as shipped; hooks: the same engine with "
-                  f"dp_sweeps.grad_samplers and dp_sweeps.bookkeeping (same clipped, noised gradients). "
+                  f"dp_sweeps.grad_sample.samplers and dp_sweeps.grad_sample.bookkeeping (same clipped, noised gradients). "
                   f"Speed-up: vs {STOCK_HOOKS} where measured.", "",
                   "| model | mode | samples/s | DP/non-private time | speed-up vs hooks | peak MiB | "
                   "auto picks | batch (physical) | steps x repeats | load avg | note |",

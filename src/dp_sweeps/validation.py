@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.randomness import secure_mode_unavailable
+from dp_sweeps.privacy.randomness import secure_mode_unavailable
 from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,15 @@ def validate_config(cfg: DictConfig) -> None:
         require_number("trainer.physical_batch_size", trainer.physical_batch_size, low=1,
                        low_open=False, integer=True)
     require_number("trainer.eval_batch_size", trainer.eval_batch_size, low=1, low_open=False, integer=True)
-    require_number("trainer.augmult", trainer.get("augmult", 1), low=1, low_open=False, integer=True)
-    if not isinstance(trainer.get("eval_flip", False), bool):
+    require_number("trainer.augmult", trainer.augmult, low=1, low_open=False, integer=True)
+    if not isinstance(trainer.eval_flip, bool):
         raise ConfigError(f"trainer.eval_flip={trainer.eval_flip!r} must be true or false")
-    if trainer.get("eval_flip") and cfg.model.get("family", "deep") == "classical":
+    if trainer.eval_flip and cfg.model.get("family", "deep") == "classical":
         raise ConfigError(f"trainer.eval_flip=true: model={cfg.model.name} is a classical classifier, "
                           "which evaluates without it; set trainer.eval_flip=false")
-    if trainer.get("ema_decay") is not None:
+    if trainer.ema_decay is not None:
         require_number("trainer.ema_decay", trainer.ema_decay, low=0, high=1, low_open=False, high_open=False)
-    require_number("trainer.checkpoint_every", trainer.get("checkpoint_every") or 0, low=0, low_open=False,
+    require_number("trainer.checkpoint_every", trainer.checkpoint_every, low=0, low_open=False,
                    integer=True)
     require_choice("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     if trainer.device == "cuda" and not torch.cuda.is_available():

@@ -1,5 +1,5 @@
 """Classical classifiers under DP (linear SVM, k-nearest neighbours, Gaussian Naive
-Bayes), run by :func:`dp_sweeps.train.train` for model configs with ``family: classical``.
+Bayes), run by :func:`dp_sweeps.run.run` for model configs with ``family: classical``.
 
 Each classifier is one module that registers itself with :func:`register_classifier`
 (a runner and the dataclass of its ``model.*`` settings); :func:`run_classical` is the
@@ -10,7 +10,7 @@ are DP with respect to adding or removing one training example, like DP-SGD in
 the mechanisms actually run, never the configured target.
 
 Features (``model.features``) are applied by ``train()`` before any of this: only
-data-independent maps (:mod:`dp_sweeps.features`), which cost no privacy.
+data-independent maps (:mod:`dp_sweeps.data.features`), which cost no privacy.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dp_sweeps.data import ImageData
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.results import NON_PRIVATE, non_private_stats_enabled
+from dp_sweeps.training.results import NON_PRIVATE, non_private_stats_enabled
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ def run_classical(cfg: DictConfig, *, data: ImageData, device: torch.device, out
     record.setdefault("status", "planned" if cfg.dry_run else "completed")
     # Only DP-SGD's ε rests on an assumption a config can break (Poisson sampling).
     # (and privacy.noise_seed, which makes the mechanism's noise replayable).
-    record.setdefault("epsilon_valid", private and cfg.privacy.get("noise_seed") is None)
+    record.setdefault("epsilon_valid", private and cfg.privacy.noise_seed is None)
     # Training accuracy is a function of the private training set outside the mechanism.
     train_accuracy = record.pop("train_accuracy", None)
-    if non_private_stats_enabled(cfg.trainer.get("non_private_stats"), private=private):
+    if non_private_stats_enabled(cfg.trainer.non_private_stats, private=private):
         record[NON_PRIVATE] = {"train_accuracy": train_accuracy}
     if not private:
         record.update(epsilon=None, delta=None)

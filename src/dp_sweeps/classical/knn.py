@@ -43,7 +43,7 @@ import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dp_sweeps.randomness import mechanism_random_state
+from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.classical import accuracy, register_classifier, target_epsilon
 from dp_sweeps.compat.sklearn_tree import import_diffprivlib
 from dp_sweeps.validation import require_choice, require_number
@@ -159,7 +159,7 @@ def run_knn(cfg, settings: KNNSettings, *, data, device, output_dir) -> dict[str
             noise_scale=2 * VOTE_SENSITIVITY / epsilon_q)  # Gumbel scale of the equivalent noisy max
     if cfg.dry_run:
         return {**fields, "status": "planned"}
-    random_state = mechanism_random_state("classical", noise_seed=cfg.privacy.get("noise_seed"))
+    random_state = mechanism_random_state("classical", noise_seed=cfg.privacy.noise_seed)
     train_x, train_y = data.train_x.to(device), data.train_y
 
     def predict(queries: torch.Tensor) -> np.ndarray:

@@ -16,7 +16,7 @@ cost ε/(3d) together. The reported ``epsilon`` is the total of a diffprivlib
 ``BudgetAccountant`` charged with each mechanism's ε as it runs.
 
 Bounds are never read from the data: they come from the feature map's definition and
-the public normalisation constants (:func:`dp_sweeps.features.pixels.feature_bounds`),
+the public normalisation constants (:func:`dp_sweeps.data.features.pixels.feature_bounds`),
 and every feature is clipped to them before fitting. The add/remove sensitivity of a
 sum is ``max(|lower|, |upper|)``, which diffprivlib's ``upper - lower`` covers only when
 ``lower <= 0 <= upper``: checked.
@@ -42,11 +42,11 @@ from omegaconf import OmegaConf
 from sklearn.naive_bayes import GaussianNB as SklearnGaussianNB
 from sklearn.utils.validation import validate_data
 
-from dp_sweeps.randomness import mechanism_random_state
+from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.classical import accuracy, as_matrix, register_classifier, target_epsilon
 from dp_sweeps.compat.sklearn_tree import import_diffprivlib
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.features.pixels import feature_bounds
+from dp_sweeps.data.features.pixels import feature_bounds
 from dp_sweeps.validation import require_number
 
 import_diffprivlib()
@@ -161,7 +161,7 @@ def run_naive_bayes(cfg, settings: NaiveBayesSettings, *, data, device, output_d
         model = PublicDomainGaussianNB(epsilon=epsilon, bounds=(lower, upper), classes=list(range(data.num_classes)),
                                        var_smoothing=settings.var_smoothing,
                                        random_state=mechanism_random_state(
-                                           "classical", noise_seed=cfg.privacy.get("noise_seed")),
+                                           "classical", noise_seed=cfg.privacy.noise_seed),
                                        accountant=accountant)
         model.fit(train_x, train_y)
         epsilon_spent, _delta_spent = accountant.total()

@@ -29,6 +29,7 @@ from typing import Any
 import torch.nn as nn
 
 from dp_sweeps.classical import register_classifier
+from dp_sweeps.training.network import train_network
 from dp_sweeps.validation import require_number
 
 
@@ -48,9 +49,6 @@ def linear_svm(*, in_features: int, num_classes: int) -> nn.Module:
 
 @register_classifier("svm", settings=SVMSettings)
 def run_svm(cfg, settings: SVMSettings, *, data, device, output_dir) -> dict[str, Any]:
-    # train.py imports this package lazily inside train(): importing it here is not circular.
-    from dp_sweeps.train import train_network
-
     model = linear_svm(in_features=math.prod(data.train_x.shape[1:]), num_classes=data.num_classes)
     result = train_network(cfg, model=model, data=data, device=device, output_dir=output_dir,
                            criterion=nn.MultiMarginLoss(margin=settings.margin), model_name="svm")

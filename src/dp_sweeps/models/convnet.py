@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dp_sweeps.models import register_model
+from dp_sweeps.models._registry import register_model
 from dp_sweeps.models.norms import group_norm
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}

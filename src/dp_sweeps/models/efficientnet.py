@@ -7,7 +7,7 @@ from __future__ import annotations
 import timm
 import torch.nn as nn
 
-from dp_sweeps.models import disable_inplace, register_model
+from dp_sweeps.models._registry import disable_inplace, register_model
 from dp_sweeps.models.norms import group_norm_act
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 from timm.layers import GroupNormAct
 
@@ -26,3 +27,30 @@ def group_norm_act(num_features: int, **kwargs) -> GroupNormAct:
     kwargs.pop("num_groups", None)
     kwargs["inplace"] = False
     return GroupNormAct(num_features, num_groups=num_groups_for(num_features), **kwargs)
+
+
+class ChannelStandardize(nn.Module):
+    """``(x - mean_c) / sqrt(var_c + eps)`` per channel ``c`` of an N x C x ... input, with
+    fixed statistics (buffers, not parameters: nothing here is trained)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        if mean.shape != self.mean.shape or var.shape != self.var.shape:
+            raise ValueError(f"statistics of shape {tuple(mean.shape)}/{tuple(var.shape)} for "
+                             f"{self.mean.numel()} channels")
+        self.mean.copy_(mean)
+        self.var.copy_(var)
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.mean.view(shape)) * torch.rsqrt(self.var.view(shape) + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.mean.numel()}, eps={self.eps}"

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dp_sweeps.models import register_model
+from dp_sweeps.models._registry import register_model
 from dp_sweeps.models.norms import group_norm
 
 

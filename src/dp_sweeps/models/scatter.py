@@ -1,7 +1,7 @@
 """Tramèr & Boneh 2021's models on ScatterNet features: a linear classifier and a
 small tanh CNN, each behind a data-independent normalisation.
 
-They read the output of the ``scattering`` feature map (:mod:`dp_sweeps.features.scattering`),
+They read the output of the ``scattering`` feature map (:mod:`dp_sweeps.data.features.scattering`),
 N x 243 x 8 x 8 for CIFAR-10 (``model.features`` in conf/model/scatter_*.yaml).
 
 Normalisation (``norm``):
@@ -11,7 +11,7 @@ Normalisation (``norm``):
   example's own statistics, so it needs no privacy budget.
 - ``data``: the paper's "DP data normalisation": per-channel means and variances of the
   scattered training set, released with the Gaussian mechanism before training and
-  charged to the run's ε (:mod:`dp_sweeps.data_normalization`, ``model.data_norm``).
+  charged to the run's ε (:mod:`dp_sweeps.privacy.data_normalization`, ``model.data_norm``).
 - ``none``.
 
 Layout follows the authors' code (ftramer/Handcrafted-DP, ``ScatterLinear`` and
@@ -25,8 +25,8 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 
-from dp_sweeps.data_normalization import ChannelStandardize
-from dp_sweeps.models import register_model
+from dp_sweeps.models.norms import ChannelStandardize
+from dp_sweeps.models._registry import register_model
 
 # ScatterNet(J=2, L=8) on 32x32 RGB: 3 colours x 81 paths, at 8x8.
 SCATTER_CHANNELS = 243

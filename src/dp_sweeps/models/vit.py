@@ -20,7 +20,7 @@ import torch.nn as nn
 from opacus.grad_sample import register_grad_sampler
 from timm.models.vision_transformer import VisionTransformer
 
-from dp_sweeps.models import disable_inplace, register_model
+from dp_sweeps.models._registry import disable_inplace, register_model
 
 
 class TokenEmbedding(nn.Module):

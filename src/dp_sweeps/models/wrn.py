@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dp_sweeps.models import register_model
+from dp_sweeps.models._registry import register_model
 
 
 class WSConv2d(nn.Conv2d):

@@ -27,7 +27,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """``steps`` Poisson batches per pass over this rank's shard ``range(rank, N, world_size)``.
 
     The coins come from ``generator`` (the mechanism's secret stream: see
-    :mod:`dp_sweeps.randomness`); an empty batch is yielded as ``[]``, never skipped.
+    :mod:`dp_sweeps.privacy.randomness`); an empty batch is yielded as ``[]``, never skipped.
     """
 
     def __init__(self, *, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator,

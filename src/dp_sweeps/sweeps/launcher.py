@@ -9,12 +9,12 @@ job exactly as it was, so a training run would start again from its first epoch.
 
 - ``checkpoint()`` resubmits the job with ``trainer.resume=true`` added: the requeued job
   continues its own run folder from its last checkpoint, and one that had finished is not
-  run again (:func:`dp_sweeps.train.train`).
+  run again (:func:`dp_sweeps.run.run`).
 - ``launch()`` gives every job ``trainer.checkpoint_every=1`` unless the config or the
   job's overrides set it, so that there is a checkpoint to continue from.
 
 No privacy is spent twice: a checkpoint holds every random-generator state
-(:mod:`dp_sweeps.checkpoint`), so the steps redone after the last checkpoint replay the
+(:mod:`dp_sweeps.training.checkpoint`), so the steps redone after the last checkpoint replay the
 computation whose result the interrupted job never released, and the ε of the resumed
 run is the accountant's for the steps of one run.
 

@@ -1,6 +1,6 @@
 """Gather runs, sweeps and Optuna studies into one table, a markdown report and figures.
 
-``python -m dp_sweeps.report PATH... [--out DIR] [--storage URL]``
+``python -m dp_sweeps.analysis.report PATH... [--out DIR] [--storage URL]``
 
 A *run* is a folder holding ``result.json`` or ``.hydra/config.yaml`` (a run without a
 result was killed or is still running: it is listed with status ``no_result``). Its row
@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from omegaconf import OmegaConf
 
-from dp_sweeps.results import RESULT_FILE
-from dp_sweeps.search import journal_path, storage_for
+from dp_sweeps.training.results import RESULT_FILE
+from dp_sweeps.sweeps.search import journal_path, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def write_report(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dp_sweeps.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dp_sweeps.analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run, sweep or search folders to gather (searched recursively)")
     parser.add_argument("--out", default="outputs/report", help="folder for runs.csv, runs.md and the figures")
     parser.add_argument("--storage", action="append", default=[],
@@ -487,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     table = collect_runs(args.paths, storages=args.storage)
     if table.empty:
-        print(f"dp_sweeps.report: error: no runs or studies under {' '.join(args.paths)}", file=sys.stderr)
+        print(f"dp_sweeps.analysis.report: error: no runs or studies under {' '.join(args.paths)}", file=sys.stderr)
         return 1
     written = write_report(table, args.out)
     counts = table["status"].fillna("unknown").value_counts().to_dict()

@@ -9,7 +9,7 @@ input of Tramèr & Boneh's ScatterNet+linear and ScatterNet+CNN models
 (:mod:`dp_sweeps.models.scatter`).
 
 Implementation: kymatio's ``Scattering2D`` (torch backend), the library the paper
-used, applied in batches by :func:`dp_sweeps.features.compute_features`, which also
+used, applied in batches by :func:`dp_sweeps.data.features.compute_features`, which also
 caches the result on disk. kymatio 0.3.0 needs the SciPy shim of
 :mod:`dp_sweeps.compat.scipy_special`, installed here before kymatio is imported.
 
@@ -24,7 +24,7 @@ import functools
 import torch
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.features import register_feature_map
+from dp_sweeps.data.features import register_feature_map
 
 
 def num_scattering_paths(J: int, L: int, max_order: int = 2) -> int:

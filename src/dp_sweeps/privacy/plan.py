@@ -1,43 +1,20 @@
-"""The privacy mechanism in one place: calibrating σ, accounting ε, and turning a
-model/optimizer/loader into their DP-SGD counterparts with Opacus.
+"""What a run will spend, decided before training: σ calibrated to the target ε, the
+sampling rate and the step count.
 
-Guarantee: with ``poisson_sampling=True``, training with :func:`make_private` is
-(ε, δ)-DP with respect to adding or removing one training example, where ε is what
-the configured Opacus accountant (PRV by default) computes for the noise multiplier
-σ, the sampling rate q and the number of steps actually taken. Per-example gradients
-are clipped to ``max_grad_norm`` in L2 (over all parameters together), summed, and
-Gaussian noise of standard deviation ``σ · max_grad_norm`` is added once per step.
-Gaussian releases made before training (``PrivacyPlan.prior_releases``: DP data
-normalisation) are composed into the same accountant, so ε covers them too.
+Guarantee: :func:`plan_privacy` returns a :class:`PrivacyPlan` whose ``planned_epsilon``
+is the configured accountant's ε for (σ, q = 1/ceil(N/B), ceil(N/B)·epochs steps), the
+releases before training composed in; a calibrated σ spends at most the target.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
-from dp_sweeps import bookkeeping, distributed, grad_samplers
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.sampling import poisson_index_loader, shuffled_index_loader
-
-log = logging.getLogger(__name__)
-
-grad_samplers.install()  # faster per-example gradients and norms for Opacus (same values)
-
-# Accountants that may calibrate σ and report a run's ε: upper bounds on the true ε.
-# Opacus's GDP accountant is a CLT approximation that can under-report ε (σ = 0.8,
-# q = 0.1, 50 steps: GDP 6.35, PRV 8.07, PLD 8.06): it appears only in the dry run's
-# cross-check (dp_sweeps.accounting), never as a run's ε.
-ACCOUNTANTS = ("prv", "rdp")
+from dp_sweeps.privacy.accounting import check_prior_releases, epsilon_for, prior_epsilon
 
 # The range in which every accountant answers in seconds and bounded memory. Beyond
 # MAX_EPSILON PRV's grid grows to gigabytes (CIFAR-10, 100 epochs: σ=0.5, ε≈31 takes
@@ -51,8 +28,6 @@ MIN_EPSILON = 0.05
 MAX_STEPS = 10**7
 # Past this σ RDP's ε barely falls (its floor is ≈ 0.1 at δ = 1e-5): calibration moves on.
 MAX_RDP_START = 100.0
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
-
 
 @dataclass(frozen=True)
 class PrivacyPlan:
@@ -83,37 +58,6 @@ class PrivacyPlan:
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
     return math.ceil(num_train / batch_size)
-
-
-def check_prior_releases(prior: tuple, accountant: str) -> None:
-    # Opacus's GDP accountant reads only one (σ, q) pair: it would drop the prior releases.
-    if prior and accountant == "gdp":
-        raise ConfigError("privacy.accountant='gdp' cannot compose the data normalisation's release with "
-                          "DP-SGD (it assumes one (σ, q) throughout): use prv or rdp")
-
-
-def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                accountant: str = "prv", prior: tuple[tuple[float, float, int], ...] = ()) -> float:
-    """ε after ``prior`` releases then ``steps`` Poisson-sampled Gaussian steps, from an
-    Opacus accountant."""
-    check_prior_releases(prior, accountant)
-    return _ledger_epsilon([*map(tuple, prior), (noise_multiplier, sample_rate, steps)], delta=delta,
-                           accountant=accountant)
-
-
-def prior_epsilon(prior: tuple[tuple[float, float, int], ...], *, delta: float, accountant: str = "prv") -> float:
-    """ε of the releases before training alone."""
-    check_prior_releases(prior, accountant)
-    return _ledger_epsilon([*map(tuple, prior)], delta=delta, accountant=accountant)
-
-
-def _ledger_epsilon(history: list, *, delta: float, accountant: str) -> float:
-    """ε of an Opacus accountant history ``[(σ, q, steps), ...]``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" hint; GDP's caveat
-        acc = create_accountant(mechanism=accountant)
-        acc.history = history
-        return float(acc.get_epsilon(delta=delta))
 
 
 @functools.lru_cache(maxsize=256)  # sweeps ask for the same calibration again and again
@@ -228,88 +172,3 @@ def plan_privacy(privacy_cfg, *, num_train: int, batch_size: int, epochs: int,
                        sample_rate=sample_rate, steps_per_epoch=per_epoch, steps=steps,
                        target_epsilon=target, planned_epsilon=planned,
                        poisson_sampling=bool(privacy_cfg.poisson_sampling), prior_releases=prior)
-
-
-def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
-    """The Opacus engine for ``privacy.grad_sample_mode``: ``auto`` becomes the model's
-    entry in :data:`AUTO_GRAD_SAMPLE_MODE` (``hooks``, Opacus's default, for a model not
-    measured); any other mode is kept as given.
-
-    Guarantee: the engine changes speed and memory only. Every engine ``auto`` can return
-    gives the same clipped and noised gradient as ``hooks`` (same seed, to 1e-5 relative;
-    tests/test_grad_sample_modes.py), so the mechanism and its ε are unchanged.
-    """
-    if mode != "auto":
-        return mode
-    return AUTO_GRAD_SAMPLE_MODE.get(model_name, "hooks")
-
-
-# Fastest correct engine per model, measured by `make bench` on CPU (torch 2.14.1, Opacus 1.6.0,
-# 1 thread, logical batch 256, physical 64; median samples/s in one process). Another engine
-# replaces hooks only when >= 10% faster (smaller gaps were noise) and when it runs every
-# physical batch size a Poisson batch can produce. "hooks" is Opacus's hooks engine with
-# dp_sweeps.grad_samplers and dp_sweeps.bookkeeping (book-keeping clipping). Figures: DP /
-# non-private time per sample, and speed-up over Opacus's hooks as shipped. Not measured on
-# GPU (see README, "Speed").
-AUTO_GRAD_SAMPLE_MODE: dict[str, str] = {
-    "convnet": "hooks",         # 1.62x (stock 2.63x); ew, ghost, functorch were slower before book-keeping
-    "resnet18": "hooks",        # 1.42x (stock 3.61x), 1.0 GB vs 3.7 GB; ew, ghost slower
-    "efficientnet": "hooks",    # 1.46x with the depthwise sampler; functorch 3.07x (stock hooks ~25x)
-    "vit": "hooks",             # 1.56x (stock 2.16x); functorch 2.21x
-    "densenet121": "hooks",     # 1.66x at batch 64 (stock 2.31x); ew fails on batches < 32 examples
-    # ScatterNet heads (batch 8192, physical 1024, 2 threads): a linear layer's per-example
-    # gradient norm is ‖a‖·‖b‖, so ghost clipping never builds the 155k-wide per-example
-    # gradients: 11,000 vs 1,400 samples/s (hooks before book-keeping). The CNN head: ghost 0.92x of hooks.
-    "scatter_linear": "ghost",
-}
-
-
-def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 criterion: torch.nn.Module, num_samples: int, grad_sample_mode: str,
-                 noise_generator: torch.Generator, sampler_generator: torch.Generator):
-    """Wrap the training objects with Opacus and build the run's sampler. Returns
-    (engine, module, optimizer, criterion, loader); the loader yields ``(indices,)``.
-
-    ``noise_generator`` and ``sampler_generator`` are the mechanism's secret streams
-    (:mod:`dp_sweeps.randomness`). With ``plan.poisson_sampling`` the loader is
-    :func:`dp_sweeps.sampling.poisson_index_loader`: exactly ``plan.steps_per_epoch``
-    batches per epoch at rate ``plan.sample_rate``, empty ones included, on every rank.
-    Opacus's accountant is given the same q (checked), since ε depends on it. Layers
-    whose per-example gradients are not proven right under the engine are refused.
-    """
-    grad_samplers.check_per_example_support(module, grad_sample_mode)
-    rank, world = distributed.rank(), distributed.world_size()
-    if plan.poisson_sampling:
-        loader = poisson_index_loader(num_samples=num_samples, sample_rate=plan.sample_rate,
-                                      steps=plan.steps_per_epoch, generator=sampler_generator,
-                                      rank=rank, world_size=world)
-    else:  # not what the accountant assumes: the run is marked epsilon_valid=false
-        loader = shuffled_index_loader(num_samples=num_samples, batch_size=math.ceil(num_samples / plan.steps_per_epoch),
-                                       generator=sampler_generator)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        engine = PrivacyEngine(accountant=plan.accountant)
-        # poisson_sampling=False: Opacus keeps our loader (its own samplers are wrong, see
-        # dp_sweeps.sampling); it reads q = 1 / len(loader) for the accountant.
-        wrapped = engine.make_private(
-            module=module, optimizer=optimizer, data_loader=loader, criterion=criterion,
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=False, grad_sample_mode=grad_sample_mode, noise_generator=noise_generator)
-    if grad_sample_mode == "ghost":
-        module, optimizer, criterion, loader = wrapped
-    else:
-        module, optimizer, loader = wrapped
-    if plan.poisson_sampling and hasattr(module, "forbid_grad_accumulation"):
-        module.forbid_grad_accumulation()  # what Opacus does for its own Poisson loader
-    # Same values, less work (dp_sweeps.grad_samplers / .bookkeeping); not for the
-    # benchmark's baseline, Opacus as shipped.
-    if grad_sample_mode == "hooks" and not grad_samplers.stock_opacus_active():
-        grad_samplers.skip_summed_gradients(module)
-        bookkeeping.enable_bookkeeping(module, optimizer)
-    # Releases made before training are the first entries of the run's privacy ledger.
-    engine.accountant.history = [*map(tuple, plan.prior_releases)]
-    sample_rate = 1.0 / len(loader)
-    if len(loader) != plan.steps_per_epoch or not math.isclose(sample_rate, plan.sample_rate, rel_tol=1e-12):
-        raise RuntimeError(f"the loader samples at q={sample_rate} over {len(loader)} steps, the plan at "
-                           f"q={plan.sample_rate} over {plan.steps_per_epoch}")
-    return engine, module, optimizer, criterion, loader

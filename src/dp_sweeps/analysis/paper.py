@@ -1,8 +1,8 @@
 """The paper's tables and plots (arXiv 2412.06689) from whatever has been run.
 
-``python -m dp_sweeps.paper outputs/paper/<scale>`` reads the runs of each paper
+``python -m dp_sweeps.analysis.paper outputs/paper/<scale>`` reads the runs of each paper
 experiment (``conf/experiment/paper_*.yaml``, one folder each) through
-:func:`dp_sweeps.report.collect_runs`, and writes into the same folder, per experiment,
+:func:`dp_sweeps.analysis.report.collect_runs`, and writes into the same folder, per experiment,
 ``<experiment>.csv`` / ``<experiment>.md`` (mean ± std of test accuracy over seeds,
 per model and value of the varied parameter) and ``<experiment>.png`` (accuracy against
 that parameter, one line per model), plus ``summary.md`` / ``summary.csv`` (model × ε,
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from dp_sweeps.report import HONEST_EPSILON, _log_x, collect_runs, markdown_table
+from dp_sweeps.analysis.report import HONEST_EPSILON, _log_x, collect_runs, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,11 @@ def build_paper_tables(root: str | Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dp_sweeps.paper", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dp_sweeps.analysis.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="outputs/paper/<scale>: the folder holding the paper_* experiment folders")
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():
-        print(f"dp_sweeps.paper: error: {args.root} does not exist (run `make paper` first)", file=sys.stderr)
+        print(f"dp_sweeps.analysis.paper: error: {args.root} does not exist (run `make paper` first)", file=sys.stderr)
         return 2
     for name, path in build_paper_tables(args.root).items():
         print(f"wrote {path}")

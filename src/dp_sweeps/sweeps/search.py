@@ -28,12 +28,12 @@ space syntax and changes only the loop:
   (with the run's status and error as user attributes) and the search goes on.
 - Each trial runs with the overrides ``search.study=<name> search.trial=<number>``, so its
   folder (``hydra.sweep.subdir``) and its ``.hydra/overrides.yaml`` name it; the trial
-  records its ``run_dir`` in turn. :mod:`dp_sweeps.report` joins the two.
+  records its ``run_dir`` in turn. :mod:`dp_sweeps.analysis.report` joins the two.
 
 Hydra finds sweepers only under ``hydra_plugins/`` or through entry points, so the
 search configs list :class:`RegisterSweeper` under ``hydra.callbacks``: Hydra builds
 callbacks before the sweeper, and building this one registers the class (and the
-launchers of :mod:`dp_sweeps.launcher`, whose configs list it too).
+launchers of :mod:`dp_sweeps.sweeps.launcher`, whose configs list it too).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from optuna.trial import TrialState
 
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.validation import check_tuning_metric
-from dp_sweeps.results import RESULT_FILE
+from dp_sweeps.training.results import RESULT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ SAMPLER_WHITELIST = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"
 
 JOURNAL_PREFIX = "journal:///"
 # The PostgreSQL advisory lock that serialises "count the trials, ask for one" (any 64-bit key).
-PG_ASK_LOCK_KEY = zlib.crc32(b"dp_sweeps.search.ask_lock")
+PG_ASK_LOCK_KEY = zlib.crc32(b"dp_sweeps.sweeps.search.ask_lock")
 
 
 def storage_for(url: str | None) -> optuna.storages.BaseStorage | None:
@@ -513,11 +513,11 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
 class RegisterSweeper(Callback):
     """A Hydra callback whose construction registers dp_sweeps' Hydra plugins:
-    :class:`ResumableOptunaSweeper` and the launchers of :mod:`dp_sweeps.launcher` (the
+    :class:`ResumableOptunaSweeper` and the launchers of :mod:`dp_sweeps.sweeps.launcher` (the
     search configs and ``hydra/launcher=slurm|local`` list it under ``hydra.callbacks``)."""
 
     def __init__(self) -> None:
-        from dp_sweeps.launcher import LAUNCHERS
+        from dp_sweeps.sweeps.launcher import LAUNCHERS
 
         for plugin in (ResumableOptunaSweeper, *LAUNCHERS):
             Plugins.instance().register(plugin)

@@ -1,8 +1,8 @@
-"""Empirical privacy audit of the DP-SGD mechanism: ``python -m dp_sweeps.audit``.
+"""Empirical privacy audit of the DP-SGD mechanism: ``python -m dp_sweeps.privacy.audit``.
 
 What is audited is the real mechanism: :func:`dp_sweeps.privacy.make_private` wraps a
 small model, so Opacus's per-example clipping, Gaussian noise and make_private's Poisson
-loader (:mod:`dp_sweeps.sampling`) are what produce every released model. The attacker
+loader (:mod:`dp_sweeps.privacy.sampling`) are what produce every released model. The attacker
 is white-box and as strong as DP-SGD allows (Nasr et al. 2021): a *gradient canary*
 whose clipped gradient is a known direction ``u`` that no other example's gradient
 touches, and the released update projected on ``u`` as the score. For full-batch runs
@@ -14,7 +14,7 @@ Three audits (the CLI runs ``linear`` and ``convnet`` by default):
 - **Many runs, linear** (:func:`audit_mechanism`; Jagielski et al. 2020): thousands of
   short runs of an ``nn.Linear(d, 1)`` with and without the canary (gradient ``2C`` on a
   coordinate of its own); ε lower bound by Clopper–Pearson on the threshold test's error
-  rates, plus the Gaussian-DP view (:mod:`dp_sweeps.audit_stats`). Runs are batched:
+  rates, plus the Gaussian-DP view (:mod:`dp_sweeps.privacy.audit_stats`). Runs are batched:
   ``runs_per_batch`` independent runs share one Opacus step, each run on its own block
   of parameters and its own examples, so per-example clipping, independent
   per-coordinate noise and independent per-example Poisson sampling make them exactly
@@ -95,12 +95,12 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from dp_sweeps import bookkeeping
-from dp_sweeps.audit_stats import one_run_epsilon_lower, threshold_audit
+from dp_sweeps.grad_sample import bookkeeping
+from dp_sweeps.privacy.audit_stats import one_run_epsilon_lower, threshold_audit
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import (PrivacyPlan, calibrate_noise_multiplier, epsilon_for, make_private, plan_privacy,
                                resolve_grad_sample_mode, steps_per_epoch)
-from dp_sweeps.randomness import mechanism_generator
+from dp_sweeps.privacy.randomness import mechanism_generator
 
 CANARY_GRADIENT_SCALE = 2.0  # the canary's raw gradient norm, in units of max_grad_norm (≥ 1: clipped to C)
 
@@ -148,7 +148,7 @@ class _Mechanism:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             while done < steps:
-                # make_private's Poisson sampler itself (dp_sweeps.sampling); skipping the
+                # make_private's Poisson sampler itself (dp_sweeps.privacy.sampling); skipping the
                 # loader's per-index fetch of an index data set (the identity) saves most of
                 # a step's time.
                 for indices in self.loader.batch_sampler:
@@ -352,7 +352,7 @@ def _factored_parameters(model: nn.Module, engine: str, x: torch.Tensor, y: torc
     """The trainable parameters whose per-example gradients book-keeping factors, as the
     real path decides it: a copy of ``model`` wrapped by :func:`make_private` with the same
     engine, one backward pass on ``x``, and the names of the parameters whose
-    ``grad_sample`` is a :class:`~dp_sweeps.bookkeeping.FactoredGradSample`."""
+    ``grad_sample`` is a :class:`~dp_sweeps.grad_sample.bookkeeping.FactoredGradSample`."""
     probe = copy.deepcopy(model)
     plan = PrivacyPlan(private=True, accountant="prv", delta=1e-5, max_grad_norm=1.0, noise_multiplier=1.0,
                        sample_rate=1.0, steps_per_epoch=1, steps=1, target_epsilon=None, planned_epsilon=None,
@@ -538,7 +538,7 @@ def convnet_audit(*, target_epsilon: Optional[float] = 2.0, noise_multiplier: Op
     ``noise_multiplier`` is given), claimed ε = the plan's. ``broken``: the book-keeping
     control, run under :func:`misreported_bookkeeping_norms` (norms reported at ¼).
 
-    ``noise_seed``: the mechanism's generators (:func:`dp_sweeps.randomness.mechanism_generator`;
+    ``noise_seed``: the mechanism's generators (:func:`dp_sweeps.privacy.randomness.mechanism_generator`;
     a fixed int replays the audit, None draws fresh OS entropy). ``seed``: the network's
     initial weights and the canary image.
 
@@ -614,7 +614,7 @@ def _describe_convnet(result: AuditResult) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dp_sweeps.audit",
+        prog="python -m dp_sweeps.privacy.audit",
         description="Empirical lower bounds on the ε of the DP-SGD mechanism, beside the accountant's claim. "
                     "Exit status 0: no honest audit refuted its claim and every broken control was caught. "
                     "By default: the linear many-run audit of the noise and accounting, then the convnet audit "
@@ -635,7 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="linear: DP-SGD steps per run")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0,
-                        help="initial weights, canaries and (through dp_sweeps.randomness's noise_seed) the "
+                        help="initial weights, canaries and (through dp_sweeps.privacy.randomness's noise_seed) the "
                              "mechanism's noise and sampling: the audit replays exactly")
     parser.add_argument("--one-run", action="store_true", help="same as --audits one-run")
     parser.add_argument("--num-train", type=int, default=50000, help="one-run: training set size")

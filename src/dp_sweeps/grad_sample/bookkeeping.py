@@ -10,7 +10,7 @@ convolutions of a ResNet have small maps and many channels (ResNet-18's last sta
 T = 16, d·O = 2.4M), so that tensor is large and cheap to avoid:
 
 - the norm is the ghost norm ``‖G_n‖² = Σ_{t,t'} (a_t·a_t')(b_t·b_t')``: two T x T Gram
-  matrices per example (Li et al. 2022; :func:`dp_sweeps.grad_samplers.conv2d_norm_sample`);
+  matrices per example (Li et al. 2022; :func:`dp_sweeps.grad_sample.samplers.conv2d_norm_sample`);
 - the clipped sum is the layer's ordinary weight gradient with each example's output
   gradient scaled by ``c_n``: ``Σ_n c_n G_n = Σ_{n,t} (c_n b_{n,t}) a_{n,t}ᵀ``, one
   convolution-weight-gradient (or matrix) product over the whole batch.
@@ -45,6 +45,8 @@ from opacus.grad_sample.linear import compute_linear_grad_sample as opacus_linea
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.tensor_utils import unfold2d
+
+from dp_sweeps.grad_sample.per_example import build_conv2d_grad_sample
 
 __all__ = ["BookkeepingDPOptimizer", "FactoredGradSample", "enable_bookkeeping", "factored_grad_sample",
            "factoring_pays", "gram_squared_norms"]
@@ -89,8 +91,6 @@ class FactoredGradSample(torch.Tensor):
 
     def materialize(self) -> torch.Tensor:
         """The per-example gradients themselves (N x parameter shape), as Opacus builds them."""
-        from dp_sweeps.grad_samplers import build_conv2d_grad_sample
-
         sampler = build_conv2d_grad_sample if type(self.layer) is nn.Conv2d else opacus_linear_grad_sample
         return sampler(self.layer, [self.activations], self.backprops)[getattr(self.layer, self.param_name)]
 

@@ -28,37 +28,11 @@ import torch
 import torch.nn as nn
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.randomness import mechanism_generator
+from dp_sweeps.models.norms import ChannelStandardize
+from dp_sweeps.privacy.randomness import mechanism_generator
 
 # Two releases: the channel means and the channel means of squares.
 RELEASES = 2
-
-
-class ChannelStandardize(nn.Module):
-    """``(x - mean_c) / sqrt(var_c + eps)`` per channel ``c`` of an N x C x ... input, with
-    fixed statistics (buffers, not parameters: nothing here is trained)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("var", torch.ones(channels))
-        self.register_buffer("fitted", torch.tensor(False))
-
-    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        if mean.shape != self.mean.shape or var.shape != self.var.shape:
-            raise ValueError(f"statistics of shape {tuple(mean.shape)}/{tuple(var.shape)} for "
-                             f"{self.mean.numel()} channels")
-        self.mean.copy_(mean)
-        self.var.copy_(var)
-        self.fitted.fill_(True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - self.mean.view(shape)) * torch.rsqrt(self.var.view(shape) + self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.mean.numel()}, eps={self.eps}"
 
 
 def _clip_rows(rows: torch.Tensor, bound: float) -> torch.Tensor:
@@ -101,7 +75,7 @@ def fit_data_normalization(model: nn.Module, train_x: torch.Tensor, *, private: 
     as accountant history entries ``(σ, q, count)``: ``()`` when the model has no such
     layer or the run is not private. ``settings``: ``model.data_norm`` (noise_multiplier,
     clip_mean, clip_square). The noise is the mechanism's secret stream ``data_norm``
-    (:mod:`dp_sweeps.randomness`: fresh OS entropy unless ``noise_seed`` is set for
+    (:mod:`dp_sweeps.privacy.randomness`: fresh OS entropy unless ``noise_seed`` is set for
     debugging). A resumed run draws statistics again but never uses them: the
     checkpoint's weights, which hold the released statistics, replace them before any
     step, so what is published is the first release alone."""

@@ -1,22 +1,20 @@
 """CIFAR-10 through torchvision's real download and integrity check, then held in
-memory as normalised tensors on the training device, with augmentation done on
-whole batches of tensors (no per-image PIL work, no DataLoader workers)."""
+memory as normalised tensors (no per-image PIL work, no DataLoader workers)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
+from dp_sweeps.data.image_data import ImageData
 from dp_sweeps.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,40 +25,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-
-
-@dataclass
-class ImageData:
-    """Normalised images (float32, N x C x H x W) and labels (int64), per split.
-
-    ``val_*`` is held out of the training set (``data.val_size``) for tuning; it is
-    empty when ``val_size`` is 0. The test set is never used for tuning.
-    ``val_x_mirror`` / ``test_x_mirror``: the same inputs from horizontally mirrored
-    images, for evaluation with ``trainer.eval_flip`` (None otherwise).
-    """
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    val_x_mirror: Optional[torch.Tensor] = None
-    test_x_mirror: Optional[torch.Tensor] = None
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train_y)
-
-    def with_mirrors(self) -> "ImageData":
-        """A copy carrying the horizontal mirrors of the val and test images (the last
-        axis is the width), read by evaluation with ``trainer.eval_flip``."""
-        return ImageData(**{**vars(self), "val_x_mirror": self.val_x.flip(-1), "test_x_mirror": self.test_x.flip(-1)})
-
-    def to(self, device: torch.device) -> "ImageData":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        return ImageData(**moved)
 
 
 class _UnverifiedCIFAR10(CIFAR10):
@@ -167,25 +131,3 @@ def load_cifar10(*, root: str | os.PathLike, download: bool = True, verify_check
         val_x=normalise(train_x[val_idx]), val_y=torch.from_numpy(train_y[val_idx]),
         test_x=normalise(test_x[test_idx]), test_y=torch.from_numpy(test_y[test_idx]),
         num_classes=len(CIFAR10_CLASSES))
-
-
-def random_crop_flip(x: torch.Tensor, *, padding: int = 4,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Per-example random crop (reflect-padded) and horizontal flip of a whole batch.
-
-    Augmentation is a function of one example and fresh randomness, so it does not
-    change an example's sensitivity: DP-SGD's guarantee is unaffected.
-    """
-    n, c, h, w = x.shape
-    if n == 0:
-        return x
-    dev = x.device
-    padded = F.pad(x, (padding,) * 4, mode="reflect")
-    top = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
-    left = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
-    rows = (top.view(n, 1) + torch.arange(h, device=dev)).view(n, 1, h, 1)
-    cols = (left.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
-    # Take h padded rows, then w columns of each, per example.
-    cropped = padded.gather(2, rows.expand(n, c, h, padded.shape[3])).gather(3, cols.expand(n, c, h, w))
-    flip = torch.rand(n, device=dev, generator=generator) < 0.5
-    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)

@@ -1,0 +1,139 @@
+"""One job: validate → load data → plan privacy → train → ``result.json``.
+
+:func:`run` is what the entrypoint, sweeps, benchmarks and the paper targets call; it
+returns the run's ``result.json`` content. :func:`task` wraps it for Hydra: bad input
+becomes one line and a non-zero exit, and the sweeper gets the named metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dp_sweeps.data import load_cifar10
+from dp_sweeps.data.features import apply_feature_map
+from dp_sweeps.errors import ConfigError
+from dp_sweeps.classical import run_classical
+from dp_sweeps.models import create_model
+from dp_sweeps.training import distributed
+from dp_sweeps.training.backend import resolve_device
+from dp_sweeps.training.network import train_network
+from dp_sweeps.training.results import read_result, write_result
+from dp_sweeps.validation import check_tuning_metric, validate_against_data, validate_config
+
+log = logging.getLogger(__name__)
+
+# Hydra's grid sweeper runs every job and ignores what the task returns.
+GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(data_cfg: DictConfig):
+    return load_cifar10(root=data_cfg.root, download=data_cfg.download,
+                        verify_checksums=data_cfg.verify_checksums, train_subset=data_cfg.train_subset,
+                        test_subset=data_cfg.test_subset, val_size=data_cfg.val_size,
+                        split_seed=data_cfg.split_seed)
+
+
+def build_model(model_cfg: DictConfig, *, num_classes: int) -> torch.nn.Module:
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    name = kwargs.pop("name")
+    for key in ("family", "features", "data_norm"):  # read by train(), not by the builder
+        kwargs.pop(key, None)
+    try:
+        return create_model(name, num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as err:  # RuntimeError: torch refusing a size
+        raise ConfigError(f"model.name={name!r}: {str(err).splitlines()[0]}") from err
+
+
+def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Run one job described by ``cfg`` into ``output_dir``; returns its result record."""
+    wall_start = time.perf_counter()
+    output_dir = Path(output_dir)
+    validate_config(cfg)
+    if cfg.trainer.resume and (output_dir / "result.json").is_file():
+        previous = read_result(output_dir)
+        if previous.get("status") in ("completed", "diverged"):
+            log.info("trainer.resume=true: %s already finished (%s); not run again", output_dir, previous["status"])
+            return previous
+    seed_everything(cfg.seed)
+    _, world, device_name = distributed.init_from_env(cfg.trainer.device)
+    device = resolve_device(device_name)
+    data = load_data(cfg.data)
+    validate_against_data(cfg, num_train=data.num_train)
+    if cfg.trainer.eval_flip:  # mirrored val/test images (mapped to features below too)
+        data = data.with_mirrors()
+    # A fixed, data-independent feature map (model.features): no privacy cost; cached.
+    features = cfg.model.get("features")
+    if features:
+        data = apply_feature_map(data, OmegaConf.to_container(features, resolve=True),
+                                 cache_dir=cfg.data.get("feature_cache"))
+    if cfg.model.get("family", "deep") == "classical":
+        # SVM, KNN, Naive Bayes: their own DP mechanisms (dp_sweeps.classical), same record.
+        result = run_classical(cfg, data=data, device=device, output_dir=output_dir)
+    else:
+        model = build_model(cfg.model, num_classes=data.num_classes)
+        result = train_network(cfg, model=model, data=data, device=device, output_dir=output_dir)
+    result.setdefault("experiment", cfg.get("experiment_name"))
+    result["wall_seconds"] = time.perf_counter() - wall_start
+    if distributed.is_main_process():  # one record per run, also under torchrun
+        write_result(output_dir, result)
+    return result
+
+
+def objective(result: dict[str, Any], optimized_metric: Any) -> Any:
+    """The value(s) a sweeper optimises: ``optimized_metric`` names one result key or a list."""
+    def value(key: str) -> float:
+        v = result.get(key)
+        return float(v) if isinstance(v, (int, float)) and result.get("status") == "completed" else math.nan
+    if optimized_metric is None:
+        return value("val_accuracy")
+    if isinstance(optimized_metric, str):
+        return value(optimized_metric)
+    return tuple(value(k) for k in optimized_metric)
+
+
+def task(cfg: DictConfig) -> Any:
+    """The Hydra task function."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    metric = cfg.get("optimized_metric")
+    try:
+        # Any sweeper that optimises the returned value (all but Hydra's grid sweeper) tunes
+        # on it: never on the test set, whichever sweeper it is.
+        if multirun and hydra_cfg.sweeper.get("_target_") != GRID_SWEEPER:
+            check_tuning_metric(cfg)
+        result = run(cfg, output_dir)
+    except ConfigError as err:
+        log.error("%s", err)
+        if not multirun:
+            raise SystemExit(f"dp_sweeps: error: {err}") from None
+        write_result(output_dir, {"status": "failed", "error": str(err), "model": cfg.model.name})
+        return objective({"status": "failed"}, metric)
+    except Exception as err:
+        log.exception("run failed")
+        write_result(output_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                  "model": cfg.model.name})
+        if not multirun:
+            raise
+        return objective({"status": "failed"}, metric)
+    return objective(result, metric)
