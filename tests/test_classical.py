@@ -130,7 +130,7 @@ def test_naive_bayes_refuses_missing_bounds_and_bounds_without_zero():
 
 
 def test_naive_bayes_uses_the_maps_stated_bounds_not_the_data(tiny_cifar, tmp_path):
-    result = run(_cfg(tiny_cifar, "naive_bayes", "privacy.epsilon=5", "model.features.grey=true"), tmp_path)
+    result = run(_cfg(tiny_cifar, "naive_bayes", "privacy.epsilon=5", "features.grey=true"), tmp_path)
     lower, upper = feature_bounds({"name": "pixels", "size": 8, "grey": True})
     assert result["feature_bounds"] == [pytest.approx(lower.min()), pytest.approx(upper.max())]
     assert result["num_features"] == 64
@@ -177,7 +177,7 @@ def test_random_projection_is_fixed_by_its_seed():
 
 
 def test_a_map_without_stated_bounds_is_refused_for_naive_bayes():
-    with pytest.raises(ConfigError, match="model.features.name='scattering' states no public bounds"):
+    with pytest.raises(ConfigError, match="features.name='scattering' states no public bounds"):
         feature_bounds({"name": "scattering", "J": 2})
 
 
@@ -297,8 +297,8 @@ def test_svm_trains_the_hinge_loss_through_fit_and_reports_the_accountants_epsil
     ("knn", ["+model.kk=3"], r"model.kk is not a setting of model=knn"),
     ("knn", ["privacy.noise_multiplier=1.0"], r"privacy.noise_multiplier=1.0 is a DP-SGD setting"),
     ("naive_bayes", ["model.var_smoothing=-1"], r"model.var_smoothing=-1 must be >= 0"),
-    ("naive_bayes", ["model.features.name=nope"], r"model.features.name='nope' is not one of"),
-    ("naive_bayes", ["model.features.size=0"], r"model.features.size=0 must be an integer >= 1"),
+    ("naive_bayes", ["features.name=nope"], r"features.name='nope' is not one of"),
+    ("naive_bayes", ["features.size=0"], r"features.size=0 must be an integer >= 1"),
     ("svm", ["model.margin=0"], r"model.margin=0 must be > 0"),
     ("svm", ["privacy.epsilon=0"], r"privacy.epsilon=0 must be >= 0.05"),
     ("knn", ["privacy.epsilon=-1"], r"privacy.epsilon=-1 must be >= 0.05"),

@@ -139,8 +139,8 @@ def test_dry_run_cross_checks_with_the_release(tiny_cifar, feature_cache, tmp_pa
 
 
 @pytest.mark.parametrize("override,match", [
-    ("model.data_norm.clip_mean=0", "model.data_norm.clip_mean=0"),
-    ("model.data_norm.noise_multiplier=-1", "model.data_norm.noise_multiplier=-1"),
+    ("privacy.data_norm.clip_mean=0", "privacy.data_norm.clip_mean=0"),
+    ("privacy.data_norm.noise_multiplier=-1", "privacy.data_norm.noise_multiplier=-1"),
     ("privacy.accountant=gdp", "gdp"),
 ])
 def test_bad_data_norm_settings_fail_before_training(override, match, tiny_cifar, feature_cache, tmp_path):

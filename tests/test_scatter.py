@@ -57,7 +57,7 @@ def test_each_example_features_depend_on_that_example_only(images):
 
 
 def test_bad_settings_are_config_errors(images):
-    with pytest.raises(ConfigError, match="model.features.J=0"):
+    with pytest.raises(ConfigError, match="features.J=0"):
         scattering(images, J=0)
     with pytest.raises(ConfigError, match="not divisible by 2"):
         scattering(torch.randn(1, 3, 30, 30), J=2)
@@ -120,9 +120,9 @@ def test_model_sizes_and_bad_settings():
                                               ("tramer_boneh_scatter_cnn", "scatter_cnn")])
 def test_experiments_carry_the_published_settings(experiment, model):
     cfg = compose_config([f"experiment={experiment}"])
-    assert cfg.model.name == model and dict(cfg.model.features) == SPEC
+    assert cfg.model.name == model and dict(cfg.features) == SPEC
     if model == "scatter_linear":  # the paper's DP data normalisation, σ = 8, and an EMA for evaluation
-        assert cfg.model.norm == "data" and cfg.model.data_norm.noise_multiplier == 8.0
+        assert cfg.model.norm == "data" and cfg.privacy.data_norm.noise_multiplier == 8.0
     else:
         assert cfg.model.norm == "group" and cfg.model.norm_groups == 27
     # Our post-processing on both: EMA weights, evaluated with test-time flip averaging.

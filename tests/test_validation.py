@@ -84,3 +84,23 @@ def test_cli_unknown_model_and_optimizer_are_named(tmp_path):
         assert name in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
+
+
+def test_config_groups_hold_only_their_own_keys(tiny_cifar):
+    """A model config holds model settings only (the feature map is the features group,
+    the data-normalisation release is privacy.data_norm), and privacy=none sets no
+    value that a private run would refuse."""
+    from tests.conftest import CONFIG_DIR, compose_config, tiny_overrides
+
+    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
+        cfg = compose_config(tiny_overrides(tiny_cifar) + [f"model={path.stem}"])
+        assert not {"family", "features", "data_norm"} & set(cfg.model), path.stem
+        if path.stem.startswith("scatter"):
+            assert cfg.features.name == "scattering"
+        elif path.stem in ("knn", "naive_bayes", "svm"):
+            assert cfg.features.name == "pixels"
+        else:
+            assert cfg.features.name is None
+    none = compose_config(tiny_overrides(tiny_cifar) + ["privacy=none"]).privacy
+    assert none.enabled is False and none.secure_mode is False and none.poisson_sampling is False
+    assert all(value is None for key, value in none.items() if key not in ("enabled", "secure_mode", "poisson_sampling"))

@@ -54,6 +54,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from dp_sweeps.grad_sample import samplers as grad_samplers
+from dp_sweeps.classical import is_classical
 from dp_sweeps.data import ImageData
 from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.privacy import GRAD_SAMPLE_MODES, plan_privacy, resolve_grad_sample_mode
@@ -392,7 +393,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if not path.is_file():
             parser.error(f"--models: no config conf/model/{name}.yaml; the paper's: {', '.join(DEEP_MODELS)}")
         model_cfg = OmegaConf.load(path)
-        if model_cfg.get("family", "deep") != "deep" or model_cfg.get("features"):
+        if is_classical(name) or "defaults" in model_cfg:  # classical, or a model that reads a feature map
             parser.error(f"--models: {name} does not train on images with DP-SGD (classical or feature-map "
                          f"model); the bench measures image models")
     if args.threads < 0:

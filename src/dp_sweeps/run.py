@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dp_sweeps.data import load_cifar10
 from dp_sweeps.data.features import apply_feature_map
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.classical import run_classical
+from dp_sweeps.classical import is_classical, run_classical
 from dp_sweeps.models import create_model
 from dp_sweeps.training import distributed
 from dp_sweeps.training.backend import resolve_device
@@ -56,8 +56,6 @@ def load_data(data_cfg: DictConfig):
 def build_model(model_cfg: DictConfig, *, num_classes: int) -> torch.nn.Module:
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     name = kwargs.pop("name")
-    for key in ("family", "features", "data_norm"):  # read by train(), not by the builder
-        kwargs.pop(key, None)
     try:
         return create_model(name, num_classes=num_classes, **kwargs)
     except (ValueError, TypeError, RuntimeError) as err:  # RuntimeError: torch refusing a size
@@ -81,12 +79,11 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     validate_against_data(cfg, num_train=data.num_train)
     if cfg.trainer.eval_flip:  # mirrored val/test images (mapped to features below too)
         data = data.with_mirrors()
-    # A fixed, data-independent feature map (model.features): no privacy cost; cached.
-    features = cfg.model.get("features")
-    if features:
-        data = apply_feature_map(data, OmegaConf.to_container(features, resolve=True),
-                                 cache_dir=cfg.data.get("feature_cache"))
-    if cfg.model.get("family", "deep") == "classical":
+    # A fixed, data-independent feature map (the features group): no privacy cost; cached.
+    if cfg.features.name is not None:
+        data = apply_feature_map(data, OmegaConf.to_container(cfg.features, resolve=True),
+                                 cache_dir=cfg.data.feature_cache)
+    if is_classical(cfg.model.name):
         # SVM, KNN, Naive Bayes: their own DP mechanisms (dp_sweeps.classical), same record.
         result = run_classical(cfg, data=data, device=device, output_dir=output_dir)
     else:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from dp_sweeps.classical import is_classical
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy.randomness import secure_mode_unavailable
 from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
@@ -92,7 +93,7 @@ def validate_config(cfg: DictConfig) -> None:
     require_number("trainer.augmult", trainer.augmult, low=1, low_open=False, integer=True)
     if not isinstance(trainer.eval_flip, bool):
         raise ConfigError(f"trainer.eval_flip={trainer.eval_flip!r} must be true or false")
-    if trainer.eval_flip and cfg.model.get("family", "deep") == "classical":
+    if trainer.eval_flip and is_classical(cfg.model.name):
         raise ConfigError(f"trainer.eval_flip=true: model={cfg.model.name} is a classical classifier, "
                           "which evaluates without it; set trainer.eval_flip=false")
     if trainer.ema_decay is not None:
@@ -109,14 +110,13 @@ def validate_config(cfg: DictConfig) -> None:
         if cfg.data.get(key) is not None:
             require_number(f"data.{key}", cfg.data[key], low=1, low_open=False, integer=True)
     require_number("data.val_size", cfg.data.get("val_size", 0), low=0, low_open=False, integer=True)
-    if cfg.model.get("norm") == "data":
-        settings = cfg.model.get("data_norm")
+    if cfg.model.get("norm") == "data" and privacy.enabled:
+        settings = privacy.get("data_norm")
         if settings is None:
-            raise ConfigError("model.norm='data' needs model.data_norm (noise_multiplier, clip_mean, clip_square)")
+            raise ConfigError("model.norm='data' needs privacy.data_norm (noise_multiplier, clip_mean, clip_square)")
         for key in ("noise_multiplier", "clip_mean", "clip_square"):
-            if privacy.enabled or key != "noise_multiplier":
-                require_number(f"model.data_norm.{key}", settings.get(key), low=0, high_open=False,
-                               high=MAX_NOISE_MULTIPLIER if key == "noise_multiplier" else None)
+            require_number(f"privacy.data_norm.{key}", settings.get(key), low=0, high_open=False,
+                           high=MAX_NOISE_MULTIPLIER if key == "noise_multiplier" else None)
 
 
 def validate_against_data(cfg: DictConfig, *, num_train: int) -> None:

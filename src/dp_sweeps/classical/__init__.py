@@ -9,7 +9,7 @@ are DP with respect to adding or removing one training example, like DP-SGD in
 :mod:`dp_sweeps.privacy`; the reported ``epsilon`` is what the composition computes for
 the mechanisms actually run, never the configured target.
 
-Features (``model.features``) are applied by ``train()`` before any of this: only
+Features (the ``features`` config group) are applied by :func:`dp_sweeps.run.run` before any of this: only
 data-independent maps (:mod:`dp_sweeps.data.features`), which cost no privacy.
 """
 
@@ -34,7 +34,7 @@ from dp_sweeps.training.results import NON_PRIVATE, non_private_stats_enabled
 log = logging.getLogger(__name__)
 
 # The keys of a model config that train() reads; every other key is a classifier setting.
-COMMON_MODEL_KEYS = ("name", "family", "features")
+COMMON_MODEL_KEYS = ("name",)
 
 # runner(cfg, settings, *, data, device, output_dir) -> the classifier's result fields.
 Runner = Callable[..., Dict[str, Any]]
@@ -71,6 +71,11 @@ def _import_builtin() -> None:
 def list_classifiers() -> list[str]:
     _import_builtin()
     return sorted(_CLASSIFIERS)
+
+
+def is_classical(name: str) -> bool:
+    """Whether ``name`` is a classical classifier (else a network from dp_sweeps.models)."""
+    return name in _BUILTIN_MODULES or name in _CLASSIFIERS
 
 
 def get_classifier(name: str) -> Classifier:
@@ -123,7 +128,7 @@ def run_classical(cfg: DictConfig, *, data: ImageData, device: torch.device, out
     classifier = get_classifier(cfg.model.name)
     settings = read_settings(cfg.model, classifier.settings, model=classifier.name)
     private = bool(cfg.privacy.enabled)
-    features = cfg.model.get("features")
+    features = cfg.features if cfg.features.name is not None else None
     record: dict[str, Any] = {
         "model": classifier.name, "family": "classical", "private": private,
         "features": OmegaConf.to_container(features, resolve=True) if features else None,

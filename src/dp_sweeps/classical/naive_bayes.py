@@ -142,11 +142,10 @@ def run_naive_bayes(cfg, settings: NaiveBayesSettings, *, data, device, output_d
     fields: dict[str, Any] = {"mechanism": "none (scikit-learn GaussianNB)"}
     if private:
         epsilon = target_epsilon(cfg, model="naive_bayes")
-        features = cfg.model.get("features")
-        spec = OmegaConf.to_container(features, resolve=True) if features else None
+        spec = OmegaConf.to_container(cfg.features, resolve=True) if cfg.features.name is not None else None
         lower, upper = feature_bounds(spec)
         if len(lower) != num_features:
-            raise ConfigError(f"model.features={spec}: stated bounds cover {len(lower)} features, "
+            raise ConfigError(f"features={spec}: stated bounds cover {len(lower)} features, "
                               f"the map gives {num_features}")
         fields = {"mechanism": "diffprivlib GaussianNB: geometric counts, Laplace means and variances",
                   "guarantee": "pure ε-DP (δ=0), add/remove one training example",

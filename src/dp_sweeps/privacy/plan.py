@@ -40,7 +40,7 @@ class PrivacyPlan:
     """
 
     private: bool
-    accountant: str
+    accountant: Optional[str]  # None without DP
     delta: Optional[float]
     max_grad_norm: Optional[float]
     noise_multiplier: Optional[float]
@@ -131,7 +131,7 @@ def plan_privacy(privacy_cfg, *, num_train: int, batch_size: int, epochs: int,
         raise ConfigError(f"trainer.epochs={epochs} gives {steps:.3g} steps of {per_epoch} per epoch; at most "
                           f"{MAX_STEPS:.0e} are supported")
     if not privacy_cfg.enabled:
-        return PrivacyPlan(private=False, accountant="none", delta=None, max_grad_norm=None,
+        return PrivacyPlan(private=False, accountant=None, delta=None, max_grad_norm=None,
                            noise_multiplier=None, sample_rate=sample_rate, steps_per_epoch=per_epoch,
                            steps=steps, target_epsilon=None, planned_epsilon=None, poisson_sampling=False)
     delta, accountant = float(privacy_cfg.delta), str(privacy_cfg.accountant)

@@ -65,7 +65,7 @@ def compute_features(name: str, x: torch.Tensor, settings: Mapping, *, cache_dir
     _import_builtin_maps()
     if name not in _FEATURE_MAPS:
         from dp_sweeps.errors import ConfigError
-        raise ConfigError(f"model.features.name={name!r} is not one of: {', '.join(sorted(_FEATURE_MAPS))}")
+        raise ConfigError(f"features.name={name!r} is not one of: {', '.join(sorted(_FEATURE_MAPS))}")
     fn = _FEATURE_MAPS[name]
     path = None
     if cache_dir is not None and len(x) > 0:

@@ -7,7 +7,7 @@ public normalisation constants of :mod:`dp_sweeps.data`, the interval every outp
 feature lies in: :func:`feature_bounds` gives it to mechanisms that need bounds
 (diffprivlib's Gaussian Naive Bayes), so no bound is ever read from the data.
 
-Maps (``model.features: {name: ..., **settings}``):
+Maps (``features: {name: ..., **settings}``):
 
 - ``pixels``: average-pool to ``size`` x ``size`` and, with ``grey``, take the
   ITU-R BT.601 luma; colour output keeps the channel ranges of the normalised pixels.
@@ -63,7 +63,7 @@ def pixel_bounds(shape: Sequence[int] = (3, 32, 32)) -> tuple[np.ndarray, np.nda
 
 def feature_bounds(spec: Optional[Mapping], *, image_shape: Sequence[int] = (3, 32, 32)
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) of every flattened feature that ``spec`` (``model.features``, or
+    """(lower, upper) of every flattened feature that ``spec`` (``features``, or
     None for raw normalised pixels) produces from images of ``image_shape``.
 
     Derived from the map's definition only. A map registered without a statement of
@@ -74,16 +74,16 @@ def feature_bounds(spec: Optional[Mapping], *, image_shape: Sequence[int] = (3, 
     settings = dict(spec)
     name = settings.pop("name")
     if name not in _BOUNDS:
-        raise ConfigError(f"model.features.name={name!r} states no public bounds for its outputs; "
+        raise ConfigError(f"features.name={name!r} states no public bounds for its outputs; "
                           f"bounded mechanisms accept: {', '.join(sorted(_BOUNDS))}")
     return _BOUNDS[name](image_shape=tuple(image_shape), **settings)
 
 
 def _check_pixels_settings(size, grey) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size:
-        raise ConfigError(f"model.features.size={size!r} must be an integer >= 1")
+        raise ConfigError(f"features.size={size!r} must be an integer >= 1")
     if not isinstance(grey, bool):
-        raise ConfigError(f"model.features.grey={grey!r} must be true or false")
+        raise ConfigError(f"features.grey={grey!r} must be true or false")
 
 
 @register_feature_map("pixels")
@@ -114,11 +114,11 @@ def _pixels_bounds(*, image_shape, size: int = 32, grey: bool = False):
 
 def _check_projection_settings(dim, seed, clip) -> None:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ConfigError(f"model.features.dim={dim!r} must be an integer >= 1")
+        raise ConfigError(f"features.dim={dim!r} must be an integer >= 1")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"model.features.seed={seed!r} must be an integer")
+        raise ConfigError(f"features.seed={seed!r} must be an integer")
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
-        raise ConfigError(f"model.features.clip={clip!r} must be a number > 0")
+        raise ConfigError(f"features.clip={clip!r} must be a number > 0")
 
 
 @functools.lru_cache(maxsize=4)
