@@ -11,11 +11,24 @@ import math
 import numpy as np
 import pytest
 
-from dp_sweeps.privacy.audit import (audit_mechanism, canary_scores, convnet_audit, convnet_canary_scores,
-                             honest_likelihood_ratio, main, one_run_audit)
-from dp_sweeps.privacy.audit_stats import (clopper_pearson_lower, clopper_pearson_upper, gdp_epsilon, one_run_epsilon_lower,
-                                   one_run_p_value, threshold_audit)
 from dp_sweeps.privacy import epsilon_for
+from dp_sweeps.privacy.audit import (
+    audit_mechanism,
+    canary_scores,
+    convnet_audit,
+    convnet_canary_scores,
+    honest_likelihood_ratio,
+    main,
+    one_run_audit,
+)
+from dp_sweeps.privacy.audit_stats import (
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    gdp_epsilon,
+    one_run_epsilon_lower,
+    one_run_p_value,
+    threshold_audit,
+)
 
 
 def test_clopper_pearson_matches_closed_forms():

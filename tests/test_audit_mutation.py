@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from dp_sweeps.grad_sample import bookkeeping
-from dp_sweeps.privacy.audit import audit_mechanism, canary_scores, convnet_audit, misreported_bookkeeping_norms
 from dp_sweeps.grad_sample.samplers import opacus_conv_grad_sample
+from dp_sweeps.privacy.audit import audit_mechanism, canary_scores, convnet_audit, misreported_bookkeeping_norms
 from tests.test_audit import CONVNET_AUDIT
 
 

@@ -46,8 +46,9 @@ def test_tiny_bench_writes_records_and_table(tmp_path):
 
 
 def test_stock_opacus_baseline_runs_opacus_own_code_and_anchors_the_speedup(tmp_path, monkeypatch):
-    from dp_sweeps.grad_sample import samplers as grad_samplers
     from opacus.grad_sample import GradSampleModule
+
+    from dp_sweeps.grad_sample import samplers as grad_samplers
 
     seen = []  # which conv sampler Opacus holds while each mode trains
     real_fit = bench.fit

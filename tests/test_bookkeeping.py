@@ -12,8 +12,13 @@ from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.optimizers import DPOptimizer
 
 from dp_sweeps import grad_sample
-from dp_sweeps.grad_sample.bookkeeping import (BookkeepingDPOptimizer, FactoredGradSample, enable_bookkeeping,
-                                   factored_grad_sample, factoring_pays)
+from dp_sweeps.grad_sample.bookkeeping import (
+    BookkeepingDPOptimizer,
+    FactoredGradSample,
+    enable_bookkeeping,
+    factored_grad_sample,
+    factoring_pays,
+)
 from dp_sweeps.grad_sample.samplers import opacus_conv_grad_sample
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import PrivacyPlan, make_private

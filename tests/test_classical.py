@@ -16,8 +16,8 @@ from dp_sweeps.classical import list_classifiers, register_classifier
 from dp_sweeps.classical.knn import composed_epsilon, epsilon_per_query_for, neighbour_votes, noisy_votes
 from dp_sweeps.classical.naive_bayes import PublicDomainGaussianNB
 from dp_sweeps.data.cifar10 import normalise
-from dp_sweeps.errors import ConfigError
 from dp_sweeps.data.features.pixels import feature_bounds, pixels, random_projection
+from dp_sweeps.errors import ConfigError
 from dp_sweeps.run import run
 from tests.conftest import compose_config, run_cli, tiny_overrides
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from dp_sweeps.privacy.accounting import cross_check_epsilon
-from dp_sweeps.models.norms import ChannelStandardize
-from dp_sweeps.privacy.data_normalization import fit_data_normalization, private_channel_statistics
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.models import create_model
+from dp_sweeps.models.norms import ChannelStandardize
 from dp_sweeps.privacy import epsilon_for, plan_privacy, prior_epsilon
+from dp_sweeps.privacy.accounting import cross_check_epsilon
+from dp_sweeps.privacy.data_normalization import fit_data_normalization, private_channel_statistics
 from dp_sweeps.run import run
 from tests.conftest import compose_config, tiny_overrides
 

@@ -108,8 +108,13 @@ def _two_example_step(module, optimizer, criterion, shape) -> None:
 
 def test_our_rules_give_zero_rows_on_an_empty_batch():
     """Each per-example gradient or norm rule of ours, called as Opacus calls it."""
-    from dp_sweeps.grad_sample.samplers import (build_conv2d_grad_sample, conv2d_grad_sample, conv2d_norm_sample,
-                                         functorch_grad_sample, linear_grad_sample)
+    from dp_sweeps.grad_sample.samplers import (
+        build_conv2d_grad_sample,
+        conv2d_grad_sample,
+        conv2d_norm_sample,
+        functorch_grad_sample,
+        linear_grad_sample,
+    )
     from dp_sweeps.models.vit import TokenEmbedding, token_embedding_grad_sample
     from dp_sweeps.models.wrn import WSConv2d
 

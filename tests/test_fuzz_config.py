@@ -24,8 +24,8 @@ from omegaconf import DictConfig, open_dict
 
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import epsilon_for
-from dp_sweeps.training.results import RESULT_FILE
 from dp_sweeps.run import run
+from dp_sweeps.training.results import RESULT_FILE
 from tests.conftest import compose_config, tiny_overrides
 
 # Configs with more steps than this are only planned, not trained (a 64-example run at

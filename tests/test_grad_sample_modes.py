@@ -12,8 +12,13 @@ import torch.nn as nn
 
 from dp_sweeps.bench import DEEP_MODELS
 from dp_sweeps.models import create_model
-from dp_sweeps.privacy import (AUTO_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, PrivacyPlan, make_private,
-                               resolve_grad_sample_mode)
+from dp_sweeps.privacy import (
+    AUTO_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    PrivacyPlan,
+    make_private,
+    resolve_grad_sample_mode,
+)
 
 # One small model per architecture family; the names are the config/registry names
 # that AUTO_GRAD_SAMPLE_MODE is keyed by.

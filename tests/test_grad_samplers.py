@@ -13,9 +13,14 @@ from opacus import GradSampleModule
 from opacus.grad_sample import grad_sample_module
 
 from dp_sweeps import grad_sample
-from dp_sweeps.grad_sample.samplers import (conv2d_grad_sample, conv2d_norm_sample, fast_path_applies,
-                                     opacus_conv_grad_sample,
-                                     opacus_store_grad_sample, store_grad_sample)
+from dp_sweeps.grad_sample.samplers import (
+    conv2d_grad_sample,
+    conv2d_norm_sample,
+    fast_path_applies,
+    opacus_conv_grad_sample,
+    opacus_store_grad_sample,
+    store_grad_sample,
+)
 
 grad_sample.install()  # what make_private does first: our rules in Opacus's registries
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dp_sweeps import run as run_module
-from dp_sweeps.privacy import randomness
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.privacy import randomness
 from dp_sweeps.run import run
 
 
@@ -95,8 +95,8 @@ def test_classical_noise_does_not_follow_the_global_numpy_seed():
 
 def test_data_normalisation_noise_is_fresh_per_run(tiny_cifar, tmp_path):
     """The DP data-normalisation release (seed + 4 on 89ac991: replayable)."""
-    from dp_sweeps.privacy.data_normalization import fit_data_normalization
     from dp_sweeps.models import create_model
+    from dp_sweeps.privacy.data_normalization import fit_data_normalization
 
     x = torch.rand(64, 6, 4, 4)
     settings = type("S", (dict,), {"__getattr__": dict.__getitem__})(
@@ -118,8 +118,8 @@ def test_secure_mode_is_refused_before_training_with_the_reason(tiny_cfg, tmp_pa
 def test_gdp_never_calibrates_nor_reports(tiny_cfg, tmp_path):
     """GDP under-reports ε (σ=0.8, q=0.1, 50 steps: GDP 6.35 vs PRV 8.07); on 89ac991 it
     calibrated σ and its ε was reported as valid."""
-    from dp_sweeps.privacy.accounting import cross_check_epsilon
     from dp_sweeps.privacy import epsilon_for
+    from dp_sweeps.privacy.accounting import cross_check_epsilon
 
     with pytest.raises(ConfigError, match="privacy.accountant='gdp' can under-report"):
         run(tiny_cfg("privacy.accountant=gdp"), tmp_path)

@@ -19,7 +19,12 @@ from opacus import GradSampleModule, PrivacyEngine
 
 import dp_sweeps.privacy  # noqa: F401  (installs dp_sweeps.grad_sample.samplers, as every run does)
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.grad_sample.samplers import check_per_example_support, conv2d_grad_sample, conv2d_norm_sample, stock_opacus
+from dp_sweeps.grad_sample.samplers import (
+    check_per_example_support,
+    conv2d_grad_sample,
+    conv2d_norm_sample,
+    stock_opacus,
+)
 from dp_sweeps.models import create_model
 
 PADDING_MODES = ("reflect", "replicate", "circular")

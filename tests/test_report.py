@@ -15,8 +15,16 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from dp_sweeps.analysis.report import (HONEST_EPSILON, INVALID_MARK, collect_runs, main, markdown_table, plot_pareto,
-                              seed_summary, write_report)
+from dp_sweeps.analysis.report import (
+    HONEST_EPSILON,
+    INVALID_MARK,
+    collect_runs,
+    main,
+    markdown_table,
+    plot_pareto,
+    seed_summary,
+    write_report,
+)
 from dp_sweeps.training.results import write_result
 from tests.conftest import compose_config, tiny_overrides
 

@@ -11,9 +11,9 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
 from dp_sweeps.data import features as feature_maps
-from dp_sweeps.errors import ConfigError
 from dp_sweeps.data.features import apply_feature_map, compute_features
 from dp_sweeps.data.features.scattering import num_scattering_paths, scattering
+from dp_sweeps.errors import ConfigError
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import plan_privacy
 from dp_sweeps.run import run

@@ -26,8 +26,8 @@ import optuna
 import pytest
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.training.results import read_result
 from dp_sweeps.sweeps.search import WorkerSeededSampler, ask_lock, journal_path, open_study, storage_for
+from dp_sweeps.training.results import read_result
 from tests.test_sweeps import TINY_FRONTIER, _search
 
 TrialState = optuna.trial.TrialState

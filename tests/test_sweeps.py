@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from dp_sweeps.errors import ConfigError
 from dp_sweeps.analysis.report import collect_runs, write_report
-from dp_sweeps.training.results import read_result
+from dp_sweeps.errors import ConfigError
 from dp_sweeps.sweeps.search import check_tuning_metric, last_override_wins, trial_outcome
+from dp_sweeps.training.results import read_result
 from tests.conftest import compose_config, tiny_overrides
 
 TrialState = optuna.trial.TrialState

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dp_sweeps.training import backend, ema, loop
-from dp_sweeps.training.evaluate import evaluate
-from dp_sweeps.training.checkpoint import checkpoint_path, load_checkpoint
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import PrivacyPlan, make_private
 from dp_sweeps.run import run
+from dp_sweeps.training import backend, ema, loop
+from dp_sweeps.training.checkpoint import checkpoint_path, load_checkpoint
+from dp_sweeps.training.evaluate import evaluate
 from tests.conftest import compose_config, tiny_overrides
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.run import run
-from tests.conftest import compose_config, run_cli, tiny_overrides, REPO
+from tests.conftest import REPO, compose_config, run_cli, tiny_overrides
 
 BAD = [
     ("privacy.epsilon=0", "privacy.epsilon=0"),

@@ -53,9 +53,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from dp_sweeps.grad_sample import samplers as grad_samplers
 from dp_sweeps.classical import is_classical
 from dp_sweeps.data import ImageData
+from dp_sweeps.grad_sample import samplers as grad_samplers
 from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.privacy import GRAD_SAMPLE_MODES, plan_privacy, resolve_grad_sample_mode
 from dp_sweeps.run import build_model, seed_everything

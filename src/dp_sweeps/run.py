@@ -19,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from dp_sweeps.classical import is_classical, run_classical
 from dp_sweeps.data import load_cifar10
 from dp_sweeps.data.features import apply_feature_map
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.classical import is_classical, run_classical
 from dp_sweeps.models import create_model
 from dp_sweeps.training import distributed
 from dp_sweeps.training.backend import resolve_device

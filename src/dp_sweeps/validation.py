@@ -12,8 +12,8 @@ from omegaconf import DictConfig, ListConfig
 
 from dp_sweeps.classical import is_classical
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.privacy.randomness import secure_mode_unavailable
 from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
+from dp_sweeps.privacy.randomness import secure_mode_unavailable
 
 log = logging.getLogger(__name__)
 

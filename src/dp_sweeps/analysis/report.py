@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from omegaconf import OmegaConf
 
-from dp_sweeps.training.results import RESULT_FILE
 from dp_sweeps.sweeps.search import journal_path, storage_for
+from dp_sweeps.training.results import RESULT_FILE
 
 log = logging.getLogger(__name__)
 

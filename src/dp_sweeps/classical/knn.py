@@ -43,9 +43,9 @@ import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.classical import accuracy, register_classifier, target_epsilon
 from dp_sweeps.compat.sklearn_tree import import_diffprivlib
+from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.validation import require_choice, require_number
 
 import_diffprivlib()

@@ -42,11 +42,11 @@ from omegaconf import OmegaConf
 from sklearn.naive_bayes import GaussianNB as SklearnGaussianNB
 from sklearn.utils.validation import validate_data
 
-from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.classical import accuracy, as_matrix, register_classifier, target_epsilon
 from dp_sweeps.compat.sklearn_tree import import_diffprivlib
-from dp_sweeps.errors import ConfigError
 from dp_sweeps.data.features.pixels import feature_bounds
+from dp_sweeps.errors import ConfigError
+from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.validation import require_number
 
 import_diffprivlib()

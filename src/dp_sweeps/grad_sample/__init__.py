@@ -25,7 +25,12 @@ Opacus private APIs we rely on (checked against Opacus 1.6.0; re-check on upgrad
   ``compute_linear_grad_sample`` (the fallbacks and the stock baseline).
 """
 
-from dp_sweeps.grad_sample.samplers import (check_per_example_support, install, skip_summed_gradients, stock_opacus,
-                                            stock_opacus_active)
+from dp_sweeps.grad_sample.samplers import (
+                                            check_per_example_support,
+                                            install,
+                                            skip_summed_gradients,
+                                            stock_opacus,
+                                            stock_opacus_active,
+)
 
 __all__ = ["check_per_example_support", "install", "skip_summed_gradients", "stock_opacus", "stock_opacus_active"]

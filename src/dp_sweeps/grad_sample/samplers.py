@@ -77,17 +77,22 @@ from opacus.grad_sample import GradSampleModule, GradSampleModuleExpandedWeights
 from opacus.grad_sample import grad_sample_module as _opacus_hooks
 from opacus.grad_sample.conv import compute_conv_grad_sample as opacus_conv_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient as opacus_functorch_grad_sample
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.linear import compute_linear_grad_sample as opacus_linear_grad_sample
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
 from opacus.utils.tensor_utils import unfold2d
 
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.grad_sample.bookkeeping import FactoredGradSample, factored_grad_sample, gram_squared_norms
-from dp_sweeps.grad_sample.per_example import (_refuse_non_zero_padding, build_conv2d_grad_sample,
-                                               depthwise_grad_sample, empty_grad_sample, fast_path_applies,
-                                               is_depthwise)
+from dp_sweeps.grad_sample.per_example import (
+    _refuse_non_zero_padding,
+    build_conv2d_grad_sample,
+    depthwise_grad_sample,
+    empty_grad_sample,
+    fast_path_applies,
+    is_depthwise,
+)
 
 # Opacus's own storage function, kept for the tests' comparison (install() replaces it).
 opacus_store_grad_sample = _opacus_hooks.create_or_accumulate_grad_sample

@@ -6,9 +6,8 @@ BatchNorm (BatchNorm mixes examples, so per-example gradients would not exist), 
 no in-place operation on a hooked module's output (Opacus's backward hooks forbid it).
 """
 
-from dp_sweeps.models._registry import create_model, disable_inplace, list_models, register_model
-
 # Importing the builder modules registers them.
 from dp_sweeps.models import convnet, densenet, efficientnet, resnet, scatter, vit, wrn  # noqa: E402,F401
+from dp_sweeps.models._registry import create_model, disable_inplace, list_models, register_model
 
 __all__ = ["create_model", "disable_inplace", "list_models", "register_model"]

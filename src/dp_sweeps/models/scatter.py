@@ -25,8 +25,8 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 
-from dp_sweeps.models.norms import ChannelStandardize
 from dp_sweeps.models._registry import register_model
+from dp_sweeps.models.norms import ChannelStandardize
 
 # ScatterNet(J=2, L=8) on 32x32 RGB: 3 colours x 81 paths, at 8x8.
 SCATTER_CHANNELS = 243

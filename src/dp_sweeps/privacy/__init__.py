@@ -22,8 +22,16 @@ entropy, never from anything the run publishes. ε does not cover hyperparameter
 
 from dp_sweeps.privacy.accounting import ACCOUNTANTS, epsilon_for, prior_epsilon
 from dp_sweeps.privacy.engine import AUTO_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, make_private, resolve_grad_sample_mode
-from dp_sweeps.privacy.plan import (MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON, PrivacyPlan,
-                                    calibrate_noise_multiplier, plan_privacy, steps_per_epoch)
+from dp_sweeps.privacy.plan import (
+                                    MAX_EPSILON,
+                                    MAX_NOISE_MULTIPLIER,
+                                    MIN_DELTA,
+                                    MIN_EPSILON,
+                                    PrivacyPlan,
+                                    calibrate_noise_multiplier,
+                                    plan_privacy,
+                                    steps_per_epoch,
+)
 
 __all__ = ["ACCOUNTANTS", "AUTO_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "MAX_EPSILON", "MAX_NOISE_MULTIPLIER",
            "MIN_DELTA", "MIN_EPSILON", "PrivacyPlan", "calibrate_noise_multiplier", "epsilon_for", "make_private",

@@ -96,10 +96,17 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from dp_sweeps.grad_sample import bookkeeping
-from dp_sweeps.privacy.audit_stats import one_run_epsilon_lower, threshold_audit
 from dp_sweeps.models import create_model
-from dp_sweeps.privacy import (PrivacyPlan, calibrate_noise_multiplier, epsilon_for, make_private, plan_privacy,
-                               resolve_grad_sample_mode, steps_per_epoch)
+from dp_sweeps.privacy import (
+    PrivacyPlan,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    make_private,
+    plan_privacy,
+    resolve_grad_sample_mode,
+    steps_per_epoch,
+)
+from dp_sweeps.privacy.audit_stats import one_run_epsilon_lower, threshold_audit
 from dp_sweeps.privacy.randomness import mechanism_generator
 
 CANARY_GRADIENT_SCALE = 2.0  # the canary's raw gradient norm, in units of max_grad_norm (≥ 1: clipped to C)

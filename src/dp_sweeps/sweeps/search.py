@@ -64,8 +64,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.validation import check_tuning_metric
 from dp_sweeps.training.results import RESULT_FILE
+from dp_sweeps.validation import check_tuning_metric
 
 log = logging.getLogger(__name__)
 

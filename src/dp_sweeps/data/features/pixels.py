@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from dp_sweeps.data import CIFAR10_MEAN, CIFAR10_STD
-from dp_sweeps.errors import ConfigError
 from dp_sweeps.data.features import register_feature_map
+from dp_sweeps.errors import ConfigError
 
 # ITU-R BT.601 luma weights (R, G, B).
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)

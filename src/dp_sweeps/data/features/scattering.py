@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from dp_sweeps.errors import ConfigError
 from dp_sweeps.data.features import register_feature_map
+from dp_sweeps.errors import ConfigError
 
 
 def num_scattering_paths(J: int, L: int, max_order: int = 2) -> int:
