@@ -1,4 +1,4 @@
-# dp_sweeps: `make run` and `make test` do all the set-up on a fresh machine.
+# dp_sweeps: `make run` and `make test` do all the set-up on a fresh machine. `make help` lists the targets.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,23 +13,40 @@ PYTEST_ARGS ?= -n 2
 
 PAPER_EXPERIMENTS := epsilon batch clip lr epochs optimizer classical
 
-.PHONY: install run test bench report audit clean paper paper-table $(addprefix paper-,$(PAPER_EXPERIMENTS))
+.PHONY: help install run test test-all lint bench report audit clean paper paper-table \
+	$(addprefix paper-,$(PAPER_EXPERIMENTS))
 
+## This list: every target and what it does (the first `## ` line above its rule).
+help:
+	@awk '/^## / { if (!doc) doc = substr($$0, 4); next } \
+	     /^[^#[:space:]][^=]*:/ && doc { target = $$0; sub(/:.*/, "", target); \
+	         if (target ~ /addprefix paper-/) target = "paper-<experiment>"; printf "  %-19s %s\n", target, doc } \
+	     { doc = "" }' $(MAKEFILE_LIST)
+
+## Create .venv with the package, every extra and the dev tools (redone when pyproject.toml changes).
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 ## The default job: one DP training run (the paper's best setting) composed from conf/.
 run: install
 	$(PY) -m dp_sweeps $(ARGS)
 
-## The test suite (CPU only, tiny data made by the tests).
+## The fast test suite: all but the tests marked slow (CPU only, tiny data made by the tests).
 test: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) $(ARGS)
+
+## The whole test suite, slow end-to-end tests included (what CI runs).
+test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+
+## Ruff's checks of src/ and tests/ (the rules in pyproject.toml).
+lint: install
+	$(PY) -m ruff check src tests $(ARGS)
 
 ## Samples/s and peak memory per model and per-example gradient engine (outputs/bench/).
 bench: install
@@ -41,18 +58,20 @@ audit: install
 
 ## Gather runs and sweeps under outputs/ into tables and plots.
 report: install
-	$(PY) -m dp_sweeps.analysis.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report
+	$(PY) -m dp_sweeps.analysis.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report $(ARGS)
 
-## The paper's experiments (conf/experiment/paper_*.yaml), at SCALE=smoke or full.
+## One paper experiment, conf/experiment/paper_<experiment>.yaml (epsilon, batch, clip, lr, epochs, optimizer, classical), at SCALE=smoke or full.
 ## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated.
 $(addprefix paper-,$(PAPER_EXPERIMENTS)): paper-%: install
 	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) paths.output_dir=$(OUTPUT_DIR) $(ARGS) -m
 
+## All of the paper's experiments (every paper-<experiment> above), at SCALE=smoke or full.
 paper: $(addprefix paper-,$(PAPER_EXPERIMENTS))
 
 ## The paper's tables and plots from whatever has been run, into outputs/paper/<scale>/.
 paper-table: install
-	$(PY) -m dp_sweeps.analysis.paper $(OUTPUT_DIR)/paper/$(SCALE)
+	$(PY) -m dp_sweeps.analysis.paper $(OUTPUT_DIR)/paper/$(SCALE) $(ARGS)
 
+## Remove outputs/ and pytest's cache.
 clean:
 	rm -rf outputs/ .pytest_cache

@@ -29,6 +29,7 @@ from dp_sweeps.privacy.audit_stats import (
     one_run_p_value,
     threshold_audit,
 )
+from tests.helpers.audit import CONVNET_AUDIT
 
 
 def test_clopper_pearson_matches_closed_forms():
@@ -119,10 +120,7 @@ def test_cli_exit_status_reports_a_missed_broken_control(capsys):
     assert "claimed" in out.out and out.out.count("many-run") == 2
 
 
-# The convnet audit's settings in these tests and in tests/test_audit_mutation.py (plan: q = 1/3, 3 steps).
-CONVNET_AUDIT = dict(target_epsilon=2.0, runs=1000, num_train=12, batch_size=4, epochs=1, seed=0, noise_seed=0)
-
-
+@pytest.mark.slow
 def test_convnet_canary_scores_come_from_the_training_path():
     """The auto engine (hooks) with book-keeping factoring every trained layer, the plan's
     q and steps, and step scores as the docstring says: the canary adds its clipped
@@ -156,6 +154,7 @@ def test_convnet_audit_trains_every_layer_on_request():
     assert 0 < scores["factored_share"] < 1
 
 
+@pytest.mark.slow
 def test_honest_training_path_passes_the_convnet_audit():
     result = convnet_audit(**CONVNET_AUDIT)
     assert result.kind == "convnet" and result.mechanism == "honest"
@@ -166,6 +165,7 @@ def test_honest_training_path_passes_the_convnet_audit():
     assert result.details["step_score_mean_with_canary"] == pytest.approx(1 / 3, abs=0.15)
 
 
+@pytest.mark.slow
 def test_cli_runs_the_convnet_audit_and_its_bookkeeping_control(capsys, tmp_path):
     """Too few runs for the control: it is reported missed (exit 1); the honest audit passes."""
     status = main(["--audits", "convnet", "--convnet-runs", "60", "--json", str(tmp_path / "audit.json")])

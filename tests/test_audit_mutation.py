@@ -15,7 +15,7 @@ import torch.nn as nn
 from dp_sweeps.grad_sample import bookkeeping
 from dp_sweeps.grad_sample.samplers import opacus_conv_grad_sample
 from dp_sweeps.privacy.audit import audit_mechanism, canary_scores, convnet_audit, misreported_bookkeeping_norms
-from tests.test_audit import CONVNET_AUDIT
+from tests.helpers.audit import CONVNET_AUDIT
 
 
 def _quarter_norms(monkeypatch) -> list[int]:
@@ -49,6 +49,7 @@ def test_the_mutation_reports_bookkeeping_norms_at_a_quarter(quarter_norms):
     assert quarter_norms[0] == 1
 
 
+@pytest.mark.slow
 def test_convnet_audit_catches_bookkeeping_norms_reported_at_a_quarter(quarter_norms):
     """Same settings and seeds as test_honest_training_path_passes_the_convnet_audit: there the
     bound stays below the claim; here it exceeds it."""

@@ -121,3 +121,21 @@ def test_a_bad_override_fails_before_anything_is_timed(tmp_path):
     with pytest.raises(SystemExit, match="dp_sweeps.bench: error: .*no_such_key"):
         bench.main(["--out", str(tmp_path), "--models", "convnet", "model.no_such_key=1"])
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_docs_page_section_is_regenerated_with_its_stamp(tmp_path):
+    """--docs writes bench.md into the page's generated section (date, machine, command)
+    and leaves the hand-written part alone; a second run replaces the section."""
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nHand-written measurements.\n")
+    args = ("--models", "convnet", "--modes", "none", "--steps", "1", "--repeats", "1", "--batch-size", "8",
+            "--physical-batch-size", "8", "--docs", str(page), *TINY_CONVNET)
+    _run(tmp_path, *args)
+    first = page.read_text()
+    assert first.startswith("# Benchmarks\n\nHand-written measurements.\n")
+    assert first.count(bench.DOCS_BEGIN) == first.count(bench.DOCS_END) == 1
+    assert "- **Date:** " in first and f"torch {torch.__version__}" in first
+    assert "- **Command:** `python -m dp_sweeps.bench --out " in first and "--models convnet --modes none" in first
+    assert "| convnet | none |" in first and "\n# dp_sweeps benchmark" not in first
+    _run(tmp_path, *args)
+    assert page.read_text().count(bench.DOCS_BEGIN) == 1  # replaced, not appended again

@@ -84,7 +84,8 @@ def _private_resnet(poisson: bool = True):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=8)
     _, module, optimizer, criterion, _ = make_private(
         plan=_plan(poisson), module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        num_samples=len(loader.dataset), sampler_generator=torch.Generator(), criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks",
+        num_samples=len(loader.dataset), sampler_generator=torch.Generator(), criterion=nn.CrossEntropyLoss(),
+        grad_sample_mode="hooks",
         noise_generator=torch.Generator().manual_seed(5))
     return module, optimizer, criterion
 

@@ -19,7 +19,7 @@ from dp_sweeps.data.cifar10 import normalise
 from dp_sweeps.data.features.pixels import feature_bounds, pixels, random_projection
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.run import run
-from tests.conftest import compose_config, run_cli, tiny_overrides
+from tests.helpers.runs import compose_config, run_cli, tiny_overrides
 
 # Tiny, fast settings per classifier (RDP: Opacus's PRV calibration costs seconds per call).
 TINY = {"naive_bayes": [],

@@ -16,13 +16,7 @@ from omegaconf import OmegaConf
 
 from dp_sweeps.sweeps import launcher as dp_launcher
 from dp_sweeps.training.results import read_result
-from tests.conftest import tiny_overrides
-from tests.test_sweeps import run_main
-
-
-def _tiny(data_root, out) -> list[str]:
-    return tiny_overrides(data_root) + ["model=convnet", "model.width=4", "model.hidden=16",
-                                        "privacy.accountant=rdp", f"paths.output_dir={out}"]
+from tests.helpers.runs import compose_config, run_main, tiny_sweep_overrides
 
 
 def _pid_holding_open(path: Path) -> int | None:
@@ -65,7 +59,7 @@ def test_local_launcher_sweep_with_a_preempted_job_that_resumes(tiny_cifar, tmp_
     # The sweep itself runs in this process (the CLI's main); its jobs are submitit processes.
     try:
         # A shared noise_seed makes the two jobs the same run (debugging replay, epsilon_valid=false).
-        log = run_main([*_tiny(tiny_cifar, out), "trainer.epochs=4", "experiment_name=full,requeued",
+        log = run_main([*tiny_sweep_overrides(tiny_cifar, out), "trainer.epochs=4", "experiment_name=full,requeued",
                         "privacy.noise_seed=11", "trainer.non_private_stats=true", "hydra/launcher=local", "-m"],
                        capsys)
     finally:
@@ -121,12 +115,7 @@ def test_multi_process_jobs_are_refused_with_one_line():
 
 
 def _compose_hydra(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from dp_sweeps.paths import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return compose_config(list(overrides), return_hydra_config=True)
 
 
 def test_slurm_config_becomes_the_sbatch_script(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import epsilon_for
 from dp_sweeps.run import run
 from dp_sweeps.training.results import RESULT_FILE
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers.runs import compose_config, tiny_overrides
 
 # Configs with more steps than this are only planned, not trained (a 64-example run at
 # batch 1 would otherwise take 64 steps per epoch of the test's time).
@@ -136,8 +136,12 @@ def run_or_refuse(base: DictConfig, mutation: dict[str, Any]) -> str:
         _check_epsilon(result, result["steps"], result["epsilon"])
     if result["status"] == "completed":
         assert result["steps"] == result["planned_steps"]
-        # An evaluation that skipped every batch reports a loss of exactly 0.
-        assert result["test_loss"] > 0 and 0 <= result["test_accuracy"] <= 1, "the test set was not evaluated"
+        # Every test image was evaluated: an evaluation that skipped every batch reports a loss of
+        # exactly 0, and the accuracy is a count of correct images out of the test set's.
+        num_test = result["num_test"]
+        assert num_test > 0 and math.isfinite(result["test_loss"]) and result["test_loss"] > 0, result
+        correct = result["test_accuracy"] * num_test
+        assert correct == pytest.approx(round(correct), abs=1e-6), "the accuracy is not out of the test set"
     return result["status"]
 
 
@@ -169,6 +173,7 @@ def test_values_that_hung_the_calibration_are_refused(base_cfg, mutation):
     assert run_or_refuse(base_cfg, mutation) == "refused"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])

@@ -76,7 +76,8 @@ def _dp_gradient(name: str, mode: str, *, batch_size: int, max_grad_norm: float,
                                          batch_size=batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _, module, optimizer, criterion, _ = make_private(
-        plan=_plan(max_grad_norm, noise_multiplier), module=model, optimizer=optimizer, num_samples=len(loader.dataset), sampler_generator=torch.Generator(),
+        plan=_plan(max_grad_norm, noise_multiplier), module=model, optimizer=optimizer,
+        num_samples=len(loader.dataset), sampler_generator=torch.Generator(),
         criterion=nn.CrossEntropyLoss(), grad_sample_mode=mode,
         noise_generator=torch.Generator().manual_seed(noise_seed))
     x, y = _batch(batch_size, name)

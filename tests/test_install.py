@@ -8,9 +8,12 @@ import subprocess
 import sys
 import zipfile
 
-from tests.conftest import REPO, tiny_overrides
+import pytest
+
+from tests.helpers.runs import REPO, tiny_overrides
 
 
+@pytest.mark.slow  # builds and installs a wheel, then starts a fresh interpreter
 def test_wheel_ships_configs_and_runs_from_anywhere(tiny_cifar, tmp_path):
     wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

@@ -17,7 +17,8 @@ from dp_sweeps.run import run
 
 
 def _run(tiny_cfg, tmp_path, monkeypatch, *overrides):
-    """run() on a tiny config; returns (result, initial weights, final weights)."""
+    """run() on a tiny config (128 images, a given σ and the RDP accountant: cheap
+    accounting); returns (result, initial weights, final weights)."""
     initial = {}
     real_build = run_module.build_model
 
@@ -27,7 +28,8 @@ def _run(tiny_cfg, tmp_path, monkeypatch, *overrides):
         return model
 
     monkeypatch.setattr(run_module, "build_model", build_and_record)
-    result = run(tiny_cfg("trainer.checkpoint_every=1", *overrides), tmp_path)
+    result = run(tiny_cfg("trainer.checkpoint_every=1", "data.train_subset=128", "privacy.noise_multiplier=1.0",
+                          "privacy.accountant=rdp", *overrides), tmp_path)
     final = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     return result, initial, final
 

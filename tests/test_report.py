@@ -26,7 +26,7 @@ from dp_sweeps.analysis.report import (
     write_report,
 )
 from dp_sweeps.training.results import write_result
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers.runs import compose_config, tiny_overrides
 
 
 def _run(root, name, *, tiny_cifar, overrides=(), **result):

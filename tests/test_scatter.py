@@ -17,7 +17,7 @@ from dp_sweeps.errors import ConfigError
 from dp_sweeps.models import create_model
 from dp_sweeps.privacy import plan_privacy
 from dp_sweeps.run import run
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers.runs import compose_config, tiny_overrides
 
 SPEC = {"name": "scattering", "J": 2, "L": 8}
 
@@ -138,7 +138,9 @@ def test_experiments_carry_the_published_settings(experiment, model):
     assert 2.9 < plan.planned_epsilon <= 3.0 + 0.01
 
 
-@pytest.mark.parametrize("name", ["scatter_linear", "scatter_cnn"])
+# scatter_linear's run (with its DP data normalisation) is slow; the fast suite plans it
+# (tests/test_data_normalization.py) and runs scatter_cnn on the same features.
+@pytest.mark.parametrize("name", [pytest.param("scatter_linear", marks=pytest.mark.slow), "scatter_cnn"])
 def test_tiny_private_run_on_scattering_features(name, tiny_cifar, feature_cache, tmp_path):
     cfg = compose_config(tiny_overrides(tiny_cifar) + [
         f"experiment=tramer_boneh_{name}", "data.test_subset=100", "trainer.batch_size=64", "trainer.epochs=2",

@@ -28,7 +28,7 @@ import pytest
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.sweeps.search import WorkerSeededSampler, ask_lock, journal_path, open_study, storage_for
 from dp_sweeps.training.results import read_result
-from tests.test_sweeps import TINY_FRONTIER, _search
+from tests.helpers.runs import TINY_FRONTIER, search_overrides
 
 TrialState = optuna.trial.TrialState
 N_TRIALS = 4
@@ -97,7 +97,7 @@ def _two_workers(url: str, data_root: Path, tmp_path: Path) -> tuple[optuna.Stud
     the same sampler seed; returns the study, their logs and the wall time."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "dp_sweeps",
-            *_search(data_root, out, "frontier", *TINY_FRONTIER, f"hydra.sweeper.n_trials={N_TRIALS}",
+            *search_overrides(data_root, out, "frontier", *TINY_FRONTIER, f"hydra.sweeper.n_trials={N_TRIALS}",
                      f"hydra.sweeper.storage={url}", "hydra.sweeper.sampler.seed=7")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     start = time.perf_counter()

@@ -1,12 +1,11 @@
 """Hydra multirun grids and Optuna searches, end to end through the CLI's ``main`` on tiny
-data: a grid with a failing job, a frontier search resumed from 3 to 5 trials, a search
-with failing trials, and two ``python -m dp_sweeps`` processes sharing one study. Trials
+data: a grid with a failing job, a frontier search resumed from 2 to 3 trials, a search
+with failing trials, and two ``python -m dp_sweeps`` processes sharing one study (slow). Trials
 use the RDP accountant (its σ calibration takes milliseconds, PRV's seconds): the sweep
 machinery is under test here, the accountants in test_privacy.py."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -24,42 +23,16 @@ from dp_sweeps.analysis.report import collect_runs, write_report
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.sweeps.search import check_tuning_metric, last_override_wins, trial_outcome
 from dp_sweeps.training.results import read_result
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers.runs import (
+    TINY_FRONTIER,
+    compose_config,
+    run_main,
+    search_overrides,
+    tiny_overrides,
+    tiny_sweep_overrides,
+)
 
 TrialState = optuna.trial.TrialState
-
-
-def _tiny(data_root, out) -> list[str]:
-    return tiny_overrides(data_root) + ["model=convnet", "model.width=4", "model.hidden=16",
-                                        "privacy.accountant=rdp", f"paths.output_dir={out}"]
-
-
-def _search(data_root, out, name: str, *extra: str) -> list[str]:
-    # A validation split held out of the 500 tiny training images; a later override of a
-    # key replaces the search range (or fixed value) that came before it.
-    return [f"hparams_search={name}", *_tiny(data_root, out), "data.val_size=100", *extra, "-m"]
-
-
-# The frontier's space, shrunk to the tiny data .
-TINY_FRONTIER = ("privacy.epsilon=tag(log, interval(0.5, 4))", "trainer.batch_size=choice(32,64)")
-
-
-def run_main(args: list[str], capsys) -> str:
-    """``python -m dp_sweeps ARGS`` in this process (the CLI's own ``main``, without the
-    seconds of interpreter and import start-up); returns what it logged."""
-    from dp_sweeps.__main__ import main
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # Hydra points the root logger at its job logs
-    argv, sys.argv = sys.argv, ["dp_sweeps", *args]
-    try:
-        main()
-    finally:
-        sys.argv = argv
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    captured = capsys.readouterr()
-    return captured.out + captured.err
 
 
 def _study(out, name: str) -> optuna.Study:
@@ -69,7 +42,7 @@ def _study(out, name: str) -> optuna.Study:
 def test_grid_sweep_records_every_job_and_goes_on_past_a_failure(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "out"
     # The user's example shape (model=vit privacy.epsilon=1,2,5,10 -m), one value invalid.
-    log = run_main([*_tiny(tiny_cifar, out), "privacy.epsilon=1,4,-1", "-m"], capsys)
+    log = run_main([*tiny_sweep_overrides(tiny_cifar, out), "privacy.epsilon=1,4,-1", "-m"], capsys)
     jobs = sorted((out / "multiruns").glob("*/*/[0-9]"))
     assert [j.name for j in jobs] == ["0", "1", "2"], log[-2000:]
     results = [read_result(j) for j in jobs]
@@ -90,23 +63,23 @@ def test_grid_sweep_records_every_job_and_goes_on_past_a_failure(tiny_cifar, tmp
 
 def test_frontier_search_persists_and_resumes_to_n_trials(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "out"
-    args = _search(tiny_cifar, out, "frontier", *TINY_FRONTIER)
-    run_main([*args, "hydra.sweeper.n_trials=3"], capsys)
+    args = search_overrides(tiny_cifar, out, "frontier", *TINY_FRONTIER)
+    run_main([*args, "hydra.sweeper.n_trials=2"], capsys)
     study = _study(out, "frontier_convnet")
-    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert [t.number for t in study.trials] == [0, 1]
     assert study.metric_names == ["val_accuracy", "epsilon"]
 
-    log = run_main([*args, "hydra.sweeper.n_trials=5"], capsys)
-    assert "3 trial(s) so far" in log and "This process ran 2 trial(s); the study has 5" in log
+    log = run_main([*args, "hydra.sweeper.n_trials=3"], capsys)
+    assert "2 trial(s) so far" in log and "This process ran 1 trial(s); the study has 3" in log
     study = _study(out, "frontier_convnet")
-    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     for trial in study.trials:
         run_dir = out / "multiruns" / "frontier_convnet" / f"trial_{trial.number}"
         assert trial.user_attrs["run_dir"] == str(run_dir.resolve())
         result = read_result(run_dir)
         # The objectives are the held-out validation accuracy and the ε the run spent.
-        assert result["num_val"] == 100 and result["test_accuracy"] is not None
+        assert result["num_val"] == 100 and result["num_test"] == 200 and math.isfinite(result["test_loss"])
         assert trial.values == pytest.approx([result["val_accuracy"], result["epsilon"]])
         assert result["target_epsilon"] == pytest.approx(trial.params["privacy.epsilon"])
         assert result["batch_size"] == trial.params["trainer.batch_size"] in (32, 64)
@@ -114,7 +87,7 @@ def test_frontier_search_persists_and_resumes_to_n_trials(tiny_cifar, tmp_path, 
     assert {s.trial for s in summary.solutions} == {t.number for t in study.best_trials}
 
     table = collect_runs([out])
-    assert len(table) == 5 and set(table["trial_state"]) == {"COMPLETE"}
+    assert len(table) == 3 and set(table["trial_state"]) == {"COMPLETE"}
     assert table["pareto"].sum() == len(study.best_trials)
     written = write_report(table, tmp_path / "report")
     assert written["pareto_frontier_convnet.png"].stat().st_size > 10_000
@@ -124,8 +97,9 @@ def test_frontier_search_persists_and_resumes_to_n_trials(tiny_cifar, tmp_path, 
 
 def test_failing_trials_are_marked_failed_and_the_search_goes_on(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "out"
-    log = run_main(_search(tiny_cifar, out, "tune_at_epsilon", "privacy.epsilon=3", "optimizer.lr=choice(0.001,-1.0)",
-                           "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=1"), capsys)
+    log = run_main(search_overrides(tiny_cifar, out, "tune_at_epsilon", "privacy.epsilon=3",
+                                    "optimizer.lr=choice(0.001,-1.0)", "hydra.sweeper.n_trials=4",
+                                    "hydra.sweeper.sampler.seed=1"), capsys)
     study = _study(out, "tune_at_epsilon_convnet_eps3")
     assert len(study.trials) == 4
     states = {t.number: t.state for t in study.trials}
@@ -143,9 +117,10 @@ def test_failing_trials_are_marked_failed_and_the_search_goes_on(tiny_cifar, tmp
     assert study.best_trial.state == TrialState.COMPLETE
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(tiny_cifar, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "dp_sweeps", *_search(tiny_cifar, out, "frontier", *TINY_FRONTIER,
+    args = [sys.executable, "-m", "dp_sweeps", *search_overrides(tiny_cifar, out, "frontier", *TINY_FRONTIER,
                                                         "hydra.sweeper.n_trials=4")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     workers = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -177,14 +152,14 @@ def test_a_search_refuses_to_tune_on_the_test_set(tiny_cifar, metric, val_size, 
 def test_bad_search_input_stops_with_one_line_before_any_trial(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="^dp_sweeps: error: optimized_metric='test_accuracy': a search must not"):
-        run_main(_search(tiny_cifar, out, "tune_at_epsilon", "optimized_metric=test_accuracy"), capsys)
+        run_main(search_overrides(tiny_cifar, out, "tune_at_epsilon", "optimized_metric=test_accuracy"), capsys)
     assert not out.exists()
     # A study name already used by a search with other directions is not silently mixed in.
     optuna.create_study(study_name="frontier_convnet", storage=f"sqlite:///{tmp_path / 'other.db'}")
     (out / "optuna").mkdir(parents=True)
     (tmp_path / "other.db").rename(out / "optuna" / "frontier_convnet.db")
     with pytest.raises(SystemExit, match=r"direction=\['maximize', 'minimize'\] but study 'frontier_convnet'"):
-        run_main(_search(tiny_cifar, out, "frontier"), capsys)
+        run_main(search_overrides(tiny_cifar, out, "frontier"), capsys)
     assert len(_study(out, "frontier_convnet").trials) == 0 and not (out / "multiruns").exists()
 
 
@@ -197,14 +172,8 @@ def test_trial_outcome_fails_non_finite_and_malformed_objectives():
 
 
 def test_search_configs_compose_with_their_spaces(tiny_cifar):
-    from hydra import compose, initialize_config_dir
-
-    from dp_sweeps.paths import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
-        frontier = compose(config_name="config", overrides=["hparams_search=frontier"], return_hydra_config=True)
-        tune = compose(config_name="config", overrides=["hparams_search=tune_at_epsilon", "privacy.epsilon=3"],
-                       return_hydra_config=True)
+    frontier = compose_config(["hparams_search=frontier"], return_hydra_config=True)
+    tune = compose_config(["hparams_search=tune_at_epsilon", "privacy.epsilon=3"], return_hydra_config=True)
     assert list(frontier.optimized_metric) == ["val_accuracy", "epsilon"]
     assert list(frontier.hydra.sweeper.direction) == ["maximize", "minimize"]
     assert set(frontier.hydra.sweeper.params) == {"privacy.epsilon", "privacy.max_grad_norm",
@@ -244,14 +213,32 @@ def test_a_trial_whose_process_died_is_failed_after_the_grace_period(tmp_path, m
     assert states == {dead.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
 
 
-def test_the_default_metric_is_a_validation_one_and_no_sweeper_tunes_on_the_test_set(tiny_cifar, tmp_path, capsys):
+def test_the_default_metric_is_a_validation_one_and_no_sweeper_tunes_on_the_test_set(tiny_cifar, tmp_path, capsys,
+                                                                                      monkeypatch):
     """A stock sweeper (hydra-optuna-sweeper's own, not hparams_search=...) returns the
     task's value to its optimiser: on 89ac991 the default optimized_metric was
-    test_accuracy, so such a search tuned on the test set."""
-    assert compose_config(_tiny(tiny_cifar, tmp_path)).optimized_metric == "val_accuracy"
+    test_accuracy, so such a search tuned on the test set. With the default, the value
+    handed to the optimiser is the run's validation accuracy."""
+    from dp_sweeps import run as run_module
+
+    returned = []
+    real_objective = run_module.objective
+
+    def recording(result, metric):
+        value = real_objective(result, metric)
+        returned.append((result, metric, value))
+        return value
+
+    monkeypatch.setattr(run_module, "objective", recording)
+    run_main([*tiny_sweep_overrides(tiny_cifar, tmp_path / "default"), "hydra/sweeper=optuna",
+              "hydra.sweeper.n_trials=1", "data.val_size=100", "-m"], capsys)
+    ((result, metric, value),) = returned
+    assert result["status"] == "completed" and result["num_val"] == 100
+    assert metric == "val_accuracy" and value == result["val_accuracy"]
+
     out = tmp_path / "stock"
     with pytest.raises(SystemExit):  # the stock sweeper gives up: its only trial failed
-        run_main([*_tiny(tiny_cifar, out), "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+        run_main([*tiny_sweep_overrides(tiny_cifar, out), "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
                   "optimized_metric=test_accuracy", "data.val_size=100", "-m"], capsys)
     (result_file,) = out.glob("multiruns/*/*/*/result.json")
     result = read_result(result_file.parent)

@@ -16,7 +16,11 @@ from dp_sweeps.run import run
 from dp_sweeps.training import backend, ema, loop
 from dp_sweeps.training.checkpoint import checkpoint_path, load_checkpoint
 from dp_sweeps.training.evaluate import evaluate
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers.runs import compose_config, tiny_overrides
+
+# A tiny run with cheap accounting: 128 images, batch 64 (2 steps per epoch), a given σ (no
+# calibration) and the RDP accountant (milliseconds; PRV takes a second per ε).
+SMALL = ("data.train_subset=128", "privacy.noise_multiplier=1.0", "privacy.accountant=rdp")
 
 
 def _plan(*, sigma: float, clip: float, n: int, batch: int) -> PrivacyPlan:
@@ -36,8 +40,9 @@ def test_augmult_averages_copies_before_clipping():
     loader = DataLoader(TensorDataset(torch.arange(3)), batch_size=3)
     _, model, optimizer, criterion, _ = make_private(
         plan=_plan(sigma=0.0, clip=clip, n=3, batch=3), module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0), num_samples=len(loader.dataset), sampler_generator=torch.Generator(),
-        criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks", noise_generator=torch.Generator())
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0), num_samples=len(loader.dataset),
+        sampler_generator=torch.Generator(), criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks",
+        noise_generator=torch.Generator())
     x = torch.randn(3 * copies, 3, 2, 2) * 5
     y = torch.tensor([0, 1, 2]).repeat_interleave(copies)
     criterion(model(x), y).backward()
@@ -55,17 +60,27 @@ def test_augmult_averages_copies_before_clipping():
     assert total <= 3 * clip * (1 + 1e-5)  # ... and the sum of 3 clipped ones is within 3C
 
 
-def test_augmult_run_keeps_steps_and_epsilon(tiny_cfg, tmp_path):
-    plain = run(tiny_cfg("data.augment=true"), tmp_path / "plain")
-    multi = run(tiny_cfg("data.augment=true", "trainer.augmult=3", "trainer.physical_batch_size=32"),
-                  tmp_path / "augmult")
+def test_augmult_run_keeps_steps_and_epsilon(tiny_cfg, tmp_path, monkeypatch):
+    averaged = []  # (examples, copies) of each physical batch whose copies were averaged
+    real_average = loop.average_augmented_copies
+
+    def spy(module, copies):
+        real_average(module, copies)
+        averaged.append((next(p.grad_sample.shape[0] for p in module.parameters()), copies))
+
+    plain = run(tiny_cfg(*SMALL, "data.augment=true"), tmp_path / "plain")
+    monkeypatch.setattr(loop, "average_augmented_copies", spy)
+    multi = run(tiny_cfg(*SMALL, "data.augment=true", "trainer.augmult=3", "trainer.physical_batch_size=32"),
+                tmp_path / "augmult")
     assert multi["status"] == "completed"
-    assert multi["steps"] == plain["steps"] and multi["epsilon"] == pytest.approx(plain["epsilon"])
+    assert multi["steps"] == plain["steps"] == 2 and multi["epsilon"] == pytest.approx(plain["epsilon"])
+    # Every physical batch (at most 32 examples, as 96 copies) was averaged back to one row per example.
+    assert averaged and all(copies == 3 and 0 < examples <= 32 for examples, copies in averaged)
 
 
 def test_augmult_refuses_ghost_clipping(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="trainer.augmult>1 needs per-example gradients"):
-        run(tiny_cfg("trainer.augmult=2", "privacy.grad_sample_mode=ghost"), tmp_path)
+        run(tiny_cfg(*SMALL, "trainer.augmult=2", "privacy.grad_sample_mode=ghost"), tmp_path)
 
 
 def test_ema_weights_are_the_ones_evaluated(tiny_cfg, tmp_path, monkeypatch):
@@ -115,7 +130,8 @@ def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
     uninterrupted one: same ε, same steps, no noise or batch drawn twice. (The two runs
     share privacy.noise_seed so that they can be compared at all: by default each run's
     noise is fresh.)"""
-    overrides = ("trainer.epochs=3", "trainer.checkpoint_every=1", "data.augment=true", "privacy.noise_seed=5")
+    overrides = (*SMALL, "trainer.epochs=3", "trainer.checkpoint_every=1", "data.augment=true",
+                 "privacy.noise_seed=5")
     full = run(tiny_cfg(*overrides), tmp_path / "full")
     full_weights = load_checkpoint(checkpoint_path(tmp_path / "full"))["model"]
 
@@ -135,7 +151,7 @@ def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
     assert load_checkpoint(checkpoint_path(tmp_path / "cut"))["epoch"] == 1
     resumed = run(tiny_cfg(*overrides, "trainer.resume=true"), tmp_path / "cut")
     assert resumed["resumed_from_epoch"] == 2
-    assert resumed["steps"] == full["steps"] == 24
+    assert resumed["steps"] == full["steps"] == 6
     assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
     cut_weights = load_checkpoint(checkpoint_path(tmp_path / "cut"))["model"]
     for k in full_weights:
@@ -148,22 +164,24 @@ def test_resume_continues_the_same_run(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_checkpoint_with_other_privacy_settings_is_refused(tiny_cfg, tmp_path):
-    run(tiny_cfg("trainer.epochs=2", "trainer.checkpoint_every=1"), tmp_path)
+    run(tiny_cfg(*SMALL, "trainer.epochs=2", "trainer.checkpoint_every=1"), tmp_path)
     (tmp_path / "result.json").unlink()
-    with pytest.raises(ConfigError, match="written with noise_multiplier=.*refusing to resume"):
-        run(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.noise_multiplier=3.0"), tmp_path)
+    with pytest.raises(ConfigError, match="written with noise_multiplier=1.0.*refusing to resume"):
+        run(tiny_cfg(*SMALL, "trainer.epochs=2", "trainer.resume=true", "privacy.noise_multiplier=3.0"), tmp_path)
     with pytest.raises(ConfigError, match="written with max_grad_norm=1.0.*config gives max_grad_norm=2.0"):
-        run(tiny_cfg("trainer.epochs=2", "trainer.resume=true", "privacy.max_grad_norm=2.0"), tmp_path)
+        run(tiny_cfg(*SMALL, "trainer.epochs=2", "trainer.resume=true", "privacy.max_grad_norm=2.0"), tmp_path)
 
 
-def test_cpu_memory_reuse_is_opt_in(tiny_cfg, monkeypatch):
-    """glibc memory reuse fragments the heap (EfficientNet bench: 15 GB vs 9.3 GB): off unless asked."""
+def test_cpu_memory_reuse_is_opt_in(tiny_cfg, tmp_path, monkeypatch):
+    """glibc memory reuse fragments the heap (EfficientNet bench: 15 GB vs 9.3 GB): a run
+    with the default config leaves malloc alone; trainer.reuse_cpu_memory=true turns it on."""
     calls = []
     monkeypatch.setattr(backend, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
-    assert tiny_cfg().trainer.reuse_cpu_memory is False
-    backend.configure_backend(torch.device("cpu"))
+    assert run(tiny_cfg(*SMALL), tmp_path / "default")["status"] == "completed"
     assert calls == []
-    backend.configure_backend(torch.device("cpu"), reuse_cpu_memory=True)
+    assert run(tiny_cfg(*SMALL, "trainer.reuse_cpu_memory=true"), tmp_path / "asked")["status"] == "completed"
+    assert calls == [1]
+    backend.configure_backend(torch.device("cpu"))  # the function's own default: off too
     assert calls == [1]
 
 
@@ -177,7 +195,13 @@ def test_eval_flip_scores_the_mean_of_the_two_logits():
         logits = (model(x) + model(mirror)) / 2
     assert accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item())
     assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
-    assert evaluate(model, x, y)[1] != accuracy or not torch.equal(model(x), logits)
+    # Without the mirrors, the plain logits: another loss (the mirrors were used above).
+    plain_loss, plain_accuracy = evaluate(model, x, y, batch_size=16)
+    with torch.no_grad():
+        plain_logits = model(x)
+    assert plain_loss == pytest.approx(nn.functional.cross_entropy(plain_logits, y).item(), rel=1e-5)
+    assert plain_accuracy == pytest.approx((plain_logits.argmax(1) == y).float().mean().item())
+    assert abs(plain_loss - loss) > 1e-3
 
 
 def test_eval_flip_run_evaluates_the_mirrored_images(tiny_cfg, tmp_path, monkeypatch):

@@ -9,8 +9,16 @@ import shutil
 import pytest
 
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.run import run
-from tests.conftest import REPO, compose_config, run_cli, tiny_overrides
+from tests.helpers.runs import REPO, cli_in_process, compose_config, run_cli, tiny_overrides
+
+# The CLI's main in this process (fast), and as `python -m dp_sweeps` (slow: a fresh interpreter).
+HOW = ["in_process", pytest.param("subprocess", marks=pytest.mark.slow)]
+
+
+def _cli(how: str, args: list[str], *, cwd, capsys):
+    return cli_in_process(args, capsys) if how == "in_process" else run_cli(args, cwd=cwd)
 
 BAD = [
     ("privacy.epsilon=0", "privacy.epsilon=0"),
@@ -63,23 +71,32 @@ def test_corrupted_dataset_file_is_refused(tiny_cifar, tmp_path):
 
 
 def test_delta_at_least_one_over_n_warns(tiny_cfg, tmp_path, caplog):
+    # N = 64 training images; a given σ: no calibration (PRV's takes seconds at such a δ).
     with caplog.at_level(logging.WARNING):
-        run(tiny_cfg("privacy.delta=0.01", "dry_run=true"), tmp_path)
-    assert any("privacy.delta=0.01 is >= 1/N" in r.getMessage() for r in caplog.records)
+        result = run(tiny_cfg("privacy.delta=0.05", "data.train_subset=64", "privacy.noise_multiplier=1.0"),
+                     tmp_path)
+    assert any("privacy.delta=0.05 is >= 1/N = 0.015625" in r.getMessage() for r in caplog.records)
+    assert result["status"] == "completed" and result["delta"] == 0.05  # a warning, not a refusal
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(tiny_cfg("privacy.delta=0.01", "data.train_subset=64", "privacy.noise_multiplier=1.0"), tmp_path / "b")
+    assert not any("1/N" in r.getMessage() for r in caplog.records)  # 0.01 < 1/64
 
 
-def test_cli_bad_value_is_one_line_and_nonzero(tiny_cifar, tmp_path):
-    proc = run_cli(tiny_overrides(tiny_cifar) + ["model=convnet", "privacy.epsilon=-3",
-                                                  f"paths.output_dir={tmp_path}"], cwd=tmp_path)
+@pytest.mark.parametrize("how", HOW)
+def test_cli_bad_value_is_one_line_and_nonzero(how, tiny_cifar, tmp_path, capsys):
+    proc = _cli(how, tiny_overrides(tiny_cifar) + ["model=convnet", "privacy.epsilon=-3",
+                                                    f"paths.output_dir={tmp_path}"], cwd=tmp_path, capsys=capsys)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "dp_sweeps: error: privacy.epsilon=-3 must be >= 0.05"
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
 
 
-def test_cli_unknown_model_and_optimizer_are_named(tmp_path):
+@pytest.mark.parametrize("how", HOW)
+def test_cli_unknown_model_and_optimizer_are_named(how, tmp_path, capsys):
     for override, name in (("model=resnet9000", "resnet9000"), ("optimizer=lion", "lion")):
-        proc = run_cli([override, f"paths.output_dir={tmp_path}"], cwd=REPO)
+        proc = _cli(how, [override, f"paths.output_dir={tmp_path}"], cwd=REPO, capsys=capsys)
         assert proc.returncode != 0
         assert name in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -90,8 +107,6 @@ def test_config_groups_hold_only_their_own_keys(tiny_cifar):
     """A model config holds model settings only (the feature map is the features group,
     the data-normalisation release is privacy.data_norm), and privacy=none sets no
     value that a private run would refuse."""
-    from tests.conftest import CONFIG_DIR, compose_config, tiny_overrides
-
     for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
         cfg = compose_config(tiny_overrides(tiny_cifar) + [f"model={path.stem}"])
         assert not {"family", "features", "data_norm"} & set(cfg.model), path.stem
@@ -103,4 +118,5 @@ def test_config_groups_hold_only_their_own_keys(tiny_cifar):
             assert cfg.features.name is None
     none = compose_config(tiny_overrides(tiny_cifar) + ["privacy=none"]).privacy
     assert none.enabled is False and none.secure_mode is False and none.poisson_sampling is False
-    assert all(value is None for key, value in none.items() if key not in ("enabled", "secure_mode", "poisson_sampling"))
+    assert all(value is None for key, value in none.items()
+               if key not in ("enabled", "secure_mode", "poisson_sampling"))

@@ -16,7 +16,7 @@ from dp_sweeps.models import create_model
 from dp_sweeps.models.wrn import WSConv2d
 from dp_sweeps.privacy import steps_per_epoch
 from dp_sweeps.run import run
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers.runs import compose_config, reevaluate, tiny_overrides
 
 TINY = {"depth": 10, "width": 1}  # one block per stage, 16/32/64 channels
 
@@ -99,9 +99,12 @@ def test_tiny_private_run_of_the_recipe(tiny_cifar, tmp_path):
     cfg = compose_config(tiny_overrides(tiny_cifar) + [
         "experiment=de_wrn16_4", "model.depth=10", "model.width=1", "trainer.epochs=1",
         "trainer.batch_size=50", "trainer.physical_batch_size=25", "trainer.augmult=2",
-        "data.train_subset=100", "data.test_subset=50",
+        "data.train_subset=100", "data.test_subset=50", "trainer.checkpoint_every=1",
         "privacy.noise_multiplier=2.0"])  # a fixed σ: calibrating at q = 1/2 costs more than the run
     result = run(cfg, tmp_path)
     assert result["status"] == "completed" and result["model"] == "wrn16_4"
     assert result["steps"] == 2 and result["epsilon"] == pytest.approx(result["planned_epsilon"], rel=1e-6)
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    # The 50 test images were evaluated, with the EMA weights (the recipe's trainer.ema_decay) the run released.
+    loss, accuracy = reevaluate(cfg, tmp_path)
+    assert result["num_test"] == 50 and result["test_accuracy"] == accuracy
+    assert result["test_loss"] == pytest.approx(loss, rel=1e-5)

@@ -1,7 +1,10 @@
 """``python -m dp_sweeps [overrides] [-m]``: one run, or a sweep with ``-m``."""
 
+import sys
+
 import hydra
 
+from dp_sweeps.extras import MissingExtraError, check_command_line
 from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.run import task
 
@@ -14,6 +17,11 @@ def _hydra_entry(cfg):
 
 
 def main() -> None:
+    try:
+        # A search or a launcher needs its extra before Hydra builds it (dp_sweeps.extras).
+        check_command_line(sys.argv[1:])
+    except MissingExtraError as err:
+        raise SystemExit(f"dp_sweeps: error: {err}") from None
     _hydra_entry()
 
 

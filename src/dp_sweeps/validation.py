@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from dp_sweeps.classical import is_classical
+from dp_sweeps.classical import is_classical, load_classifier
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
 from dp_sweeps.privacy.randomness import secure_mode_unavailable
@@ -62,7 +62,8 @@ def validate_config(cfg: DictConfig) -> None:
         require_number("privacy.max_grad_norm", privacy.max_grad_norm, low=0)
         if privacy.accountant == "gdp":
             raise ConfigError("privacy.accountant='gdp' can under-report ε (a CLT approximation; Opacus warns), so it "
-                              "never calibrates σ nor reports a run's ε: use prv or rdp (the dry run shows GDP beside them)")
+                              "never calibrates σ nor reports a run's ε: use prv or rdp "
+                              "(the dry run shows GDP beside them)")
         require_choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
         if privacy.get("noise_seed") is not None:
             require_number("privacy.noise_seed", privacy.noise_seed, low=0, low_open=False, integer=True)
@@ -96,6 +97,8 @@ def validate_config(cfg: DictConfig) -> None:
     if trainer.eval_flip and is_classical(cfg.model.name):
         raise ConfigError(f"trainer.eval_flip=true: model={cfg.model.name} is a classical classifier, "
                           "which evaluates without it; set trainer.eval_flip=false")
+    if is_classical(cfg.model.name):
+        load_classifier(cfg.model.name)  # its optional packages (an extra), before any data is read
     if trainer.ema_decay is not None:
         require_number("trainer.ema_decay", trainer.ema_decay, low=0, high=1, low_open=False, high_open=False)
     require_number("trainer.checkpoint_every", trainer.checkpoint_every, low=0, low_open=False,

@@ -19,14 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
 
-from dp_sweeps.analysis.report import HONEST_EPSILON, _log_x, collect_runs, markdown_table
+from dp_sweeps.extras import extra
+
+with extra("report", what="dp_sweeps.analysis.paper (make paper-table)", script=__name__ == "__main__"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+from dp_sweeps.analysis.report import HONEST_EPSILON, _log_x, collect_runs, markdown_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.root).is_dir():
         print(f"dp_sweeps.analysis.paper: error: {args.root} does not exist (run `make paper` first)", file=sys.stderr)
         return 2
-    for name, path in build_paper_tables(args.root).items():
+    for path in build_paper_tables(args.root).values():
         print(f"wrote {path}")
     return 0
 

@@ -29,17 +29,20 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a display
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from omegaconf import OmegaConf
 
-from dp_sweeps.sweeps.search import journal_path, storage_for
+from dp_sweeps.extras import MissingExtraError, extra, require
+from dp_sweeps.sweeps.storage_urls import journal_path
 from dp_sweeps.training.results import RESULT_FILE
+
+with extra("report", what="dp_sweeps.analysis.report (make report)", script=__name__ == "__main__"):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,8 @@ def _is_optuna_sqlite(path: Path) -> bool:
     # Opening a foreign sqlite file with Optuna would add its tables to it: look first.
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-            return con.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
+            query = "select 1 from sqlite_master where type='table' and name='studies'"
+            return con.execute(query).fetchone() is not None
     except sqlite3.Error:
         return False
 
@@ -176,8 +180,13 @@ def find_storages(paths: Iterable[str | Path], storages: Iterable[str] = ()) -> 
 def collect_trials(storages: Iterable[str]) -> pd.DataFrame:
     """One row per trial of every study in ``storages``: its state, objective values
     (``objective.<metric>``), parameters (``param.<name>``), user attributes and whether
-    it is in the study's best set (the Pareto set for several objectives)."""
-    import optuna
+    it is in the study's best set (the Pareto set for several objectives). Optuna (the
+    ``search`` extra) is needed only when there are storages to read."""
+    storages = list(storages)
+    if not storages:
+        return pd.DataFrame()
+    optuna = require("search", "optuna", what="reading Optuna studies (dp_sweeps.analysis.report)")
+    from dp_sweeps.sweeps.search import storage_for
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows: list[dict[str, Any]] = []
@@ -300,7 +309,8 @@ def plot_accuracy_vs_epsilon(table: pd.DataFrame, path: str | Path) -> Path | No
     fig = Figure(figsize=(6.4, 4.4), dpi=150)
     ax = fig.add_subplot()
     colours = {m: f"C{i}" for i, m in enumerate(sorted(summary["model"].astype(str).unique()))}
-    deltas = sorted({f"{d:g}" for d in table.loc[table["status"] == "completed"].get("delta", pd.Series(dtype=float)).dropna()})
+    completed = table.loc[table["status"] == "completed"]
+    deltas = sorted({f"{d:g}" for d in completed.get("delta", pd.Series(dtype=float)).dropna()})
     for model, group in private.groupby(private["model"].astype(str)):
         group = group.sort_values("epsilon_mean")
         seeds = int(group["seeds"].max())
@@ -312,7 +322,8 @@ def plot_accuracy_vs_epsilon(table: pd.DataFrame, path: str | Path) -> Path | No
         invalid = group[~group["epsilon_valid"].astype(bool)]
         if not invalid.empty:
             ax.plot(invalid["epsilon_mean"], _percent(invalid["test_accuracy_mean"]), "o", markersize=11,
-                    markerfacecolor="none", markeredgecolor="black", label=f"{INVALID_MARK} ε not valid (no Poisson sampling)")
+                    markerfacecolor="none", markeredgecolor="black",
+                    label=f"{INVALID_MARK} ε not valid (no Poisson sampling)")
     for model, group in baseline.groupby(baseline["model"].astype(str)):
         ax.axhline(_percent(group["test_accuracy_mean"].mean()), color=colours[model], linestyle="--",
                    label=f"{model}, non-private")
@@ -366,7 +377,8 @@ def plot_pareto(table: pd.DataFrame, study: str, path: str | Path) -> Path | Non
     labels = {"epsilon": "ε spent by the trial's run", "val_accuracy": "Validation accuracy (%)",
               "test_accuracy": "Test accuracy (%)"}
     deltas = sorted({f"{d:g}" for d in complete.get("delta", pd.Series(dtype=float)).dropna()})
-    ax.set_xlabel(labels.get(x_metric, x_metric) + (f" (δ = {', '.join(deltas)})" if deltas and "epsilon" in x_metric else ""))
+    delta_note = f" (δ = {', '.join(deltas)})" if deltas and "epsilon" in x_metric else ""
+    ax.set_xlabel(labels.get(x_metric, x_metric) + delta_note)
     ax.set_ylabel(labels.get(y_metric, y_metric) if "accuracy" in y_metric or y_metric in labels else y_metric)
     ax.set_title(f"Privacy-accuracy frontier: study {study}")
     ax.grid(True, which="both", alpha=0.3)
@@ -485,14 +497,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="an Optuna storage URL to read studies from (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    table = collect_runs(args.paths, storages=args.storage)
+    try:
+        table = collect_runs(args.paths, storages=args.storage)
+    except MissingExtraError as err:  # Optuna studies found, and no search extra
+        print(f"dp_sweeps.analysis.report: error: {err}", file=sys.stderr)
+        return 1
     if table.empty:
         print(f"dp_sweeps.analysis.report: error: no runs or studies under {' '.join(args.paths)}", file=sys.stderr)
         return 1
     written = write_report(table, args.out)
     counts = table["status"].fillna("unknown").value_counts().to_dict()
     print(f"{len(table)} rows ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
-    for name, path in written.items():
+    for path in written.values():
         print(f"wrote {path}")
     print(HONEST_EPSILON)
     return 0

@@ -11,6 +11,14 @@ the mechanisms actually run, never the configured target.
 
 Features (the ``features`` config group) are applied by :func:`dp_sweeps.run.run` before any of this: only
 data-independent maps (:mod:`dp_sweeps.data.features`), which cost no privacy.
+
+Optional dependencies: a classifier that needs packages beyond the core install (the
+``classical`` extra: scikit-learn, diffprivlib) imports them in its ``imports`` hook and
+where it uses them, never at module import, so every classifier registers without them
+and :func:`load_classifier` (run before any data is read) names the missing extra in one
+line. diffprivlib is imported through :func:`import_diffprivlib` only, which installs its
+scikit-learn shim (:mod:`dp_sweeps.compat.sklearn_tree`) first: explicitly, idempotently,
+and not before a classifier that uses it is run.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import importlib
 import logging
 import platform
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -29,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dp_sweeps.data import ImageData
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.extras import extra
 from dp_sweeps.training.results import NON_PRIVATE, non_private_stats_enabled
 
 log = logging.getLogger(__name__)
@@ -45,22 +55,36 @@ class Classifier:
     name: str
     settings: type  # a dataclass: its fields are the model.* keys, validated in __post_init__
     run: Runner
+    # Imports the packages it needs beyond the core install (MissingExtraError if one is missing).
+    imports: Optional[Callable[[], Any]] = None
 
 
 _CLASSIFIERS: Dict[str, Classifier] = {}
 _BUILTIN_MODULES = ("naive_bayes", "knn", "svm")
 
 
-def register_classifier(name: str, *, settings: type) -> Callable[[Runner], Runner]:
-    """Register ``run`` under ``name`` with its settings dataclass (Opacus/timm style)."""
+def register_classifier(name: str, *, settings: type,
+                        imports: Optional[Callable[[], Any]] = None) -> Callable[[Runner], Runner]:
+    """Register ``run`` under ``name`` with its settings dataclass (Opacus/timm style), and
+    ``imports``, which imports its optional dependencies (see the module docstring)."""
     def decorator(run: Runner) -> Runner:
         if name in _CLASSIFIERS:
             raise ValueError(f"classifier {name!r} is registered twice")
         if not dataclasses.is_dataclass(settings):
             raise TypeError(f"settings of classifier {name!r} must be a dataclass")
-        _CLASSIFIERS[name] = Classifier(name=name, settings=settings, run=run)
+        _CLASSIFIERS[name] = Classifier(name=name, settings=settings, run=run, imports=imports)
         return run
     return decorator
+
+
+def import_diffprivlib(*, model: str) -> types.ModuleType:
+    """diffprivlib for ``model``, imported after its scikit-learn shim, which this call
+    installs (:func:`dp_sweeps.compat.sklearn_tree.patch_sklearn_tree`; idempotent).
+    Without the ``classical`` extra: a one-line MissingExtraError naming it."""
+    from dp_sweeps.compat import sklearn_tree
+
+    with extra("classical", what=f"model={model}"):
+        return sklearn_tree.import_diffprivlib()
 
 
 def _import_builtin() -> None:
@@ -83,6 +107,15 @@ def get_classifier(name: str) -> Classifier:
     if name not in _CLASSIFIERS:
         raise ConfigError(f"model.name={name!r} is not a classical classifier; known: {', '.join(list_classifiers())}")
     return _CLASSIFIERS[name]
+
+
+def load_classifier(name: str) -> Classifier:
+    """:func:`get_classifier`, with the classifier's optional dependencies imported: a
+    missing extra is a one-line :class:`~dp_sweeps.extras.MissingExtraError` (a ConfigError)."""
+    classifier = get_classifier(name)
+    if classifier.imports is not None:
+        classifier.imports()
+    return classifier
 
 
 def read_settings(model_cfg: DictConfig | dict, settings_cls: type, *, model: str) -> Any:
@@ -125,7 +158,7 @@ def run_classical(cfg: DictConfig, *, data: ImageData, device: torch.device, out
 
     Bad settings raise :class:`ConfigError` before anything is fitted or written.
     """
-    classifier = get_classifier(cfg.model.name)
+    classifier = load_classifier(cfg.model.name)
     settings = read_settings(cfg.model, classifier.settings, model=classifier.name)
     private = bool(cfg.privacy.enabled)
     features = cfg.features if cfg.features.name is not None else None

@@ -43,13 +43,9 @@ import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dp_sweeps.classical import accuracy, register_classifier, target_epsilon
-from dp_sweeps.compat.sklearn_tree import import_diffprivlib
+from dp_sweeps.classical import accuracy, import_diffprivlib, register_classifier, target_epsilon
 from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.validation import require_choice, require_number
-
-import_diffprivlib()
-from diffprivlib.mechanisms import Exponential  # noqa: E402
 
 COMPOSITIONS = ("zcdp", "basic")
 VOTE_SENSITIVITY = 1
@@ -104,6 +100,9 @@ def noisy_votes(votes: np.ndarray, *, epsilon_per_query: Optional[float], random
     from diffprivlib, or the plain argmax (ties: lowest class) when ``epsilon_per_query`` is None."""
     if epsilon_per_query is None:
         return votes.argmax(1)
+    import_diffprivlib(model="knn")  # diffprivlib is not imported at module import (dp_sweeps.classical)
+    from diffprivlib.mechanisms import Exponential
+
     return np.array([Exponential(epsilon=epsilon_per_query, sensitivity=VOTE_SENSITIVITY, utility=row.tolist(),
                                  monotonic=False, random_state=random_state).randomise() for row in votes],
                     dtype=np.int64)
@@ -136,7 +135,7 @@ def epsilon_per_query_for(*, target_epsilon: float, num_queries: int, delta: flo
     return low
 
 
-@register_classifier("knn", settings=KNNSettings)
+@register_classifier("knn", settings=KNNSettings, imports=lambda: import_diffprivlib(model="knn"))
 def run_knn(cfg, settings: KNNSettings, *, data, device, output_dir) -> dict[str, Any]:
     private = bool(cfg.privacy.enabled)
     num_queries = len(data.test_y) + len(data.val_y)

@@ -29,6 +29,12 @@ both leak (N exactly; whether a class is empty), so here the counts are left as 
 statistics, present or not.
 
 ``privacy=none``: scikit-learn's ``GaussianNB`` (the non-private baseline).
+
+scikit-learn and diffprivlib (the ``classical`` extra) are imported on first use, not at
+module import: :func:`_import_dependencies` (run by the registry's ``imports`` hook, by
+the runner, or by asking this module for :class:`PublicDomainGaussianNB` or another of
+:data:`_DEPENDENT_NAMES`) imports them, diffprivlib after its scikit-learn shim, and
+defines those names.
 """
 
 from __future__ import annotations
@@ -39,24 +45,18 @@ from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
-from sklearn.naive_bayes import GaussianNB as SklearnGaussianNB
-from sklearn.utils.validation import validate_data
 
-from dp_sweeps.classical import accuracy, as_matrix, register_classifier, target_epsilon
-from dp_sweeps.compat.sklearn_tree import import_diffprivlib
+from dp_sweeps.classical import accuracy, as_matrix, import_diffprivlib, register_classifier, target_epsilon
 from dp_sweeps.data.features.pixels import feature_bounds
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.privacy.randomness import mechanism_random_state
 from dp_sweeps.validation import require_number
 
-import_diffprivlib()
-from diffprivlib.accountant import BudgetAccountant  # noqa: E402
-from diffprivlib.mechanisms import GeometricTruncated  # noqa: E402
-from diffprivlib.models import GaussianNB as DiffprivlibGaussianNB  # noqa: E402
-from diffprivlib.utils import check_random_state  # noqa: E402
-
 # ε is split evenly between counts, means and variances (diffprivlib's split).
 BUDGET_PARTS = ("class_counts", "means", "variances")
+# The module attributes that _import_dependencies() defines (see the module docstring).
+_DEPENDENT_NAMES = ("PublicDomainGaussianNB", "BudgetAccountant", "GeometricTruncated", "DiffprivlibGaussianNB",
+                    "SklearnGaussianNB", "check_random_state", "validate_data")
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ class NaiveBayesSettings:
         require_number("model.var_smoothing", self.var_smoothing, low=0, low_open=False)
 
 
-class PublicDomainGaussianNB(DiffprivlibGaussianNB):
-    """diffprivlib's GaussianNB for the add/remove-one relation: public ``classes`` and
-    ``bounds`` are required; ``fit`` spends ``epsilon`` on ``accountant`` (module docstring)."""
+class _PublicDomain:
+    """The methods of :class:`PublicDomainGaussianNB`, which is this class on top of
+    diffprivlib's GaussianNB, defined once diffprivlib is imported (:func:`_import_dependencies`)."""
 
     def __init__(self, *, epsilon=1.0, bounds=None, classes=None, var_smoothing=1e-9, random_state=None,
                  accountant=None):
@@ -128,6 +128,37 @@ class PublicDomainGaussianNB(DiffprivlibGaussianNB):
         return np.array([mechanism.randomise(int(np.sum(y == label))) for label in self.classes_])
 
 
+def _import_dependencies() -> None:
+    """Import scikit-learn and diffprivlib (after its shim, :func:`dp_sweeps.classical.import_diffprivlib`)
+    and define :data:`_DEPENDENT_NAMES` in this module; idempotent. Without the ``classical``
+    extra: a one-line MissingExtraError naming it."""
+    global BudgetAccountant, GeometricTruncated, DiffprivlibGaussianNB, check_random_state
+    global SklearnGaussianNB, validate_data, PublicDomainGaussianNB
+    if "PublicDomainGaussianNB" in globals():
+        return
+    import_diffprivlib(model="naive_bayes")
+    from diffprivlib.accountant import BudgetAccountant
+    from diffprivlib.mechanisms import GeometricTruncated
+    from diffprivlib.models import GaussianNB as DiffprivlibGaussianNB
+    from diffprivlib.utils import check_random_state
+    from sklearn.naive_bayes import GaussianNB as SklearnGaussianNB
+    from sklearn.utils.validation import validate_data
+
+    class PublicDomainGaussianNB(_PublicDomain, DiffprivlibGaussianNB):
+        """diffprivlib's GaussianNB for the add/remove-one relation: public ``classes`` and
+        ``bounds`` are required; ``fit`` spends ``epsilon`` on ``accountant`` (module docstring)."""
+
+        __qualname__ = "PublicDomainGaussianNB"
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the names that need diffprivlib, defined on first access."""
+    if name in _DEPENDENT_NAMES:
+        _import_dependencies()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def epsilon_split(epsilon: float, *, num_features: int) -> dict[str, Any]:
     """How :class:`PublicDomainGaussianNB` divides ``epsilon`` (module docstring)."""
     part = epsilon / len(BUDGET_PARTS)
@@ -135,8 +166,9 @@ def epsilon_split(epsilon: float, *, num_features: int) -> dict[str, Any]:
             "per_feature_mean": part / num_features, "per_feature_variance": part / num_features}
 
 
-@register_classifier("naive_bayes", settings=NaiveBayesSettings)
+@register_classifier("naive_bayes", settings=NaiveBayesSettings, imports=_import_dependencies)
 def run_naive_bayes(cfg, settings: NaiveBayesSettings, *, data, device, output_dir) -> dict[str, Any]:
+    _import_dependencies()
     private = bool(cfg.privacy.enabled)
     num_features = int(np.prod(data.train_x.shape[1:]))
     fields: dict[str, Any] = {"mechanism": "none (scikit-learn GaussianNB)"}

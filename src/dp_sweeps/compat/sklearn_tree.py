@@ -8,7 +8,8 @@ aliases: ``DTYPE = np.float32`` (the dtype of X in trees) and ``DOUBLE = np.floa
 (thresholds, values). This module puts back only the names that are missing, with
 those values; on a scikit-learn that still has them it changes nothing.
 
-Use :func:`import_diffprivlib` wherever diffprivlib is needed.
+Use :func:`import_diffprivlib` wherever diffprivlib is needed (dp_sweeps' classifiers go
+through :func:`dp_sweeps.classical.import_diffprivlib`, which names the missing extra).
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def factoring_pays(layer: nn.Module, activations: torch.Tensor, backprops: torch
     if not getattr(layer, _FLAG, False) or activations.shape[0] == 0:
         return False
     if type(layer) is nn.Conv2d:
-        if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros" or activations.dim() != 4:
+        if (layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros"
+                or activations.dim() != 4):
             return False
     elif type(layer) is not nn.Linear:
         return False

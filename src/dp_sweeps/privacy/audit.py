@@ -598,7 +598,8 @@ def _format(result: AuditResult) -> str:
             "ok (GDP fit above the claim: suspect)" if gdp_flags else "ok")
     return (f"{result.kind:8s} {result.mechanism:7s} {result.claimed_epsilon:8.2f} {result.noise_multiplier:7.3f} "
             f"{result.sample_rate:7.4f} {result.steps:6d} {result.runs:7d} {num(result.epsilon_lower):>9s} "
-            f"{num(result.epsilon_gdp_lower):>9s} {num(result.epsilon_gdp_estimate):>9s} {result.seconds:6.1f}  {verdict}")
+            f"{num(result.epsilon_gdp_lower):>9s} {num(result.epsilon_gdp_estimate):>9s} "
+            f"{result.seconds:6.1f}  {verdict}")
 
 
 HEADER = (f"{'audit':8s} {'mech.':7s} {'claimed':>8s} {'sigma':>7s} {'q':>7s} {'steps':>6s} {'runs':>7s} "

@@ -80,7 +80,8 @@ def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch
                                       steps=plan.steps_per_epoch, generator=sampler_generator,
                                       rank=rank, world_size=world_size)
     else:  # not what the accountant assumes: the run is marked epsilon_valid=false
-        loader = shuffled_index_loader(num_samples=num_samples, batch_size=math.ceil(num_samples / plan.steps_per_epoch),
+        loader = shuffled_index_loader(num_samples=num_samples,
+                                       batch_size=math.ceil(num_samples / plan.steps_per_epoch),
                                        generator=sampler_generator)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")

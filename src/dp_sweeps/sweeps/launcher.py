@@ -29,8 +29,13 @@ from typing import Any
 
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
+
+from dp_sweeps.extras import extra
+
+with extra("cluster", what="hydra/launcher=local|slurm (dp_sweeps.sweeps.launcher)"):
+    import submitit  # noqa: F401 (the plugin imports it only when it launches: checked here)
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 RESUME_OVERRIDE = "trainer.resume=true"
 CHECKPOINT_KEY = "trainer.checkpoint_every"

@@ -53,19 +53,23 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
 
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.extras import MissingExtraError, extra, missing_extra_message
+from dp_sweeps.sweeps.storage_urls import journal_path
 from dp_sweeps.training.results import RESULT_FILE
 from dp_sweeps.validation import check_tuning_metric
+
+with extra("search", what="an Optuna search (hparams_search=..., dp_sweeps.sweeps.search)"):
+    import optuna
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+    from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,6 @@ GRACE_SECONDS = 120
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)
 SAMPLER_WHITELIST = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 
-
-JOURNAL_PREFIX = "journal:///"
 # The PostgreSQL advisory lock that serialises "count the trials, ask for one" (any 64-bit key).
 PG_ASK_LOCK_KEY = zlib.crc32(b"dp_sweeps.sweeps.search.ask_lock")
 
@@ -123,21 +125,13 @@ def storage_for(url: str | None) -> optuna.storages.BaseStorage | None:
 def database_url(url: str) -> str:
     """``url`` with the PostgreSQL driver that is installed: SQLAlchemy >= 2.1 reads a bare
     ``postgresql://`` as psycopg 3, but dp_sweeps depends on psycopg2 (``psycopg2-binary``).
-    An explicit driver (``postgresql+psycopg://``) is kept."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
+    An explicit driver (``postgresql+psycopg://``) is kept. With neither driver installed,
+    a one-line :class:`~dp_sweeps.extras.MissingExtraError` names the ``cluster`` extra."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is None:
+            raise MissingExtraError(missing_extra_message("cluster", what="a PostgreSQL storage (postgresql://...)"))
         return "postgresql+psycopg2://" + url[len("postgresql://"):]
     return url
-
-
-def journal_path(url: str | None) -> Path | None:
-    """The file of a ``journal:///PATH`` URL (None for any other URL)."""
-    if url is None or not str(url).startswith(JOURNAL_PREFIX):
-        return None
-    path = str(url)[len(JOURNAL_PREFIX):]
-    if not path:
-        raise ConfigError(f"hydra.sweeper.storage={url!r}: give a file, e.g. journal:///outputs/optuna/study.log")
-    return Path(path)
 
 
 @contextlib.contextmanager

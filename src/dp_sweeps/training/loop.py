@@ -352,7 +352,8 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
         if metrics is not None and distributed.rank() == 0:
             metrics.write(row)
         log.info("epoch %d/%d: val_accuracy=%.4f test_accuracy=%.4f epsilon=%s", epoch, settings.epochs,
-                 row["val_accuracy"], row["test_accuracy"], "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
+                 row["val_accuracy"], row["test_accuracy"],
+                 "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
         if diverged:
             outcome.status = "diverged"
             log.warning("non-finite loss in epoch %d: the run diverged", epoch)

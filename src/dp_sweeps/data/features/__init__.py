@@ -86,7 +86,8 @@ def compute_features(name: str, x: torch.Tensor, settings: Mapping, *, cache_dir
     return out
 
 
-def apply_feature_map(data: ImageData, spec: Optional[Mapping], *, cache_dir: Optional[str | os.PathLike] = None) -> ImageData:
+def apply_feature_map(data: ImageData, spec: Optional[Mapping], *,
+                      cache_dir: Optional[str | os.PathLike] = None) -> ImageData:
     """``data`` with every split's inputs replaced by features (``spec`` = {name, **settings})."""
     if not spec:
         return data

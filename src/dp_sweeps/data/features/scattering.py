@@ -10,8 +10,9 @@ input of Tramèr & Boneh's ScatterNet+linear and ScatterNet+CNN models
 
 Implementation: kymatio's ``Scattering2D`` (torch backend), the library the paper
 used, applied in batches by :func:`dp_sweeps.data.features.compute_features`, which also
-caches the result on disk. kymatio 0.3.0 needs the SciPy shim of
-:mod:`dp_sweeps.compat.scipy_special`, installed here before kymatio is imported.
+caches the result on disk. kymatio (the ``scatter`` extra) is imported, and the SciPy
+shim that kymatio 0.3.0 needs (:mod:`dp_sweeps.compat.scipy_special`) installed before
+it, only when :func:`scattering_module` builds the transform, never at import.
 
 Channel order: colour-major (channel ``c * 81 + k`` is path ``k`` of colour ``c``),
 as in the paper's code, so GroupNorm groups of 9 never mix colours.
@@ -25,6 +26,7 @@ import torch
 
 from dp_sweeps.data.features import register_feature_map
 from dp_sweeps.errors import ConfigError
+from dp_sweeps.extras import extra
 
 
 def num_scattering_paths(J: int, L: int, max_order: int = 2) -> int:
@@ -48,8 +50,9 @@ def scattering_module(J: int, L: int, max_order: int, height: int, width: int) -
     """kymatio's Scattering2D for ``height`` x ``width`` images (filters built once)."""
     from dp_sweeps.compat.scipy_special import install
 
-    install()  # kymatio 0.3.0 imports scipy.special.sph_harm, gone in SciPy 1.17
-    from kymatio.torch import Scattering2D
+    install()  # kymatio 0.3.0 imports scipy.special.sph_harm, gone in SciPy 1.17 (idempotent)
+    with extra("scatter", what="features=scattering"):
+        from kymatio.torch import Scattering2D
 
     return Scattering2D(J=J, shape=(height, width), L=L, max_order=max_order)
 
