@@ -17,8 +17,10 @@ Opacus private APIs we rely on (checked against Opacus 1.6.0; re-check on upgrad
   ``grad_sample_module_fast_gradient_clipping`` (replaced by :func:`store_grad_sample`);
 - ``ft_compute_per_sample_gradient`` in the same two modules (wrapped for empty batches);
 - ``GradSampleModuleExpandedWeights.forward`` (wrapped for empty batches);
-- ``GradSampleModule`` hook internals: ``_module``, ``capture_activations_hook``
-  (skipping the summed gradient, :func:`skip_summed_gradients`);
+- ``GradSampleModule`` internals: ``_module``, ``hooks_enabled``, ``force_functorch`` and the
+  class-level ``GRAD_SAMPLERS`` / ``NORM_SAMPLERS`` registries (skipping the summed
+  gradient, :func:`skip_summed_gradients`; the engine check);
+- the ``_is_last_step_skipped`` flag of Opacus's optimizers (read by the training loop);
 - ``opacus.optimizers.optimizer._check_processed_flag`` / ``_mark_as_processed`` and
   ``DPOptimizer.clip_and_accumulate`` (book-keeping's optimizer);
 - ``opacus.utils.tensor_utils.unfold2d``; ``compute_conv_grad_sample`` and
