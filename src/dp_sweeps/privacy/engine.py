@@ -45,7 +45,7 @@ def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
 # physical batch size a Poisson batch can produce. "hooks" is Opacus's hooks engine with
 # dp_sweeps.grad_sample (its samplers and book-keeping clipping). Figures: DP /
 # non-private time per sample, and speed-up over Opacus's hooks as shipped. Not measured on
-# GPU (see README, "Speed").
+# GPU (docs/engines.md, docs/benchmarks.md).
 AUTO_GRAD_SAMPLE_MODE: dict[str, str] = {
     "convnet": "hooks",         # 1.62x (stock 2.63x); ew, ghost, functorch were slower before book-keeping
     "resnet18": "hooks",        # 1.42x (stock 3.61x), 1.0 GB vs 3.7 GB; ew, ghost slower

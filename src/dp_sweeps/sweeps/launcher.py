@@ -19,7 +19,7 @@ computation whose result the interrupted job never released, and the ε of the r
 run is the accountant's for the steps of one run.
 
 Jobs are single-process: ``tasks_per_node`` and ``nodes`` must be 1 (a multi-GPU run is
-one ``torchrun`` command; see the README, "From a laptop to a cluster").
+one ``torchrun`` command; see docs/cluster.md).
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ class LoopSettings:
     resume: bool
     channels_last: bool
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
 
 @dataclass
 class TrainingOutcome:
@@ -243,7 +247,6 @@ def _train_epoch(run: _Wrapped, *, epoch: int, data: ImageData, plan: PrivacyPla
                  device: torch.device, outcome: TrainingOutcome) -> tuple[dict, bool]:
     """One pass of ``plan.steps_per_epoch`` logical steps. Returns the epoch's non-private
     statistics (empty unless ``settings.non_private_stats``) and whether it diverged."""
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     copies = settings.augmult
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch}/{settings.epochs}", leave=False,
@@ -258,7 +261,7 @@ def _train_epoch(run: _Wrapped, *, epoch: int, data: ImageData, plan: PrivacyPla
             x, y = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
         if settings.augment:
             x = random_crop_flip(x, generator=run.generators["augment"])
-        output = _forward_backward(run, x.contiguous(memory_format=memory_format), y, weight=weight,
+        output = _forward_backward(run, x.contiguous(memory_format=settings.memory_format), y, weight=weight,
                                    private=plan.private, settings=settings)
         if output is not None and len(y) > 0:  # an empty batch's loss is nan by definition, not divergence
             logits, loss = output
@@ -322,8 +325,7 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
     # PRV evaluates log(1 - q) for a release over the whole set (q = 1, data normalisation): -inf is right there.
     warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning,
                             module=r"opacus\.accountants\.analysis\.prv")
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format).train()
+    model.to(device=device, memory_format=settings.memory_format).train()
     run = _wrap(model=model, optimizer=optimizer, criterion=criterion or nn.CrossEntropyLoss(), data=data,
                 plan=plan, settings=settings, device=device)
     outcome = TrainingOutcome(status="completed")
@@ -345,7 +347,7 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
         for split in ("val", "test"):
             row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
                 run.eval_model, getattr(data, f"{split}_x"), getattr(data, f"{split}_y"),
-                batch_size=settings.eval_batch_size, memory_format=memory_format, criterion=run.eval_criterion,
+                batch_size=settings.eval_batch_size, memory_format=settings.memory_format, criterion=run.eval_criterion,
                 x_mirror=getattr(data, f"{split}_x_mirror"))
         row["seconds"] = time.perf_counter() - epoch_start
         outcome.history.append(row)
