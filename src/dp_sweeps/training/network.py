@@ -79,8 +79,7 @@ def train_network(cfg: DictConfig, *, model: torch.nn.Module, data, device: torc
     noise_seed = cfg.privacy.noise_seed
     # DP data normalisation (model.norm=data): released before training, charged to ε.
     prior_releases = fit_data_normalization(model, data.train_x, private=bool(cfg.privacy.enabled),
-                                            settings=cfg.privacy.get("data_norm"),
-                                            noise_seed=cfg.privacy.noise_seed)
+                                            settings=cfg.privacy.get("data_norm"), noise_seed=noise_seed)
     plan = plan_privacy(cfg.privacy, num_train=data.num_train, batch_size=cfg.trainer.batch_size,
                         epochs=cfg.trainer.epochs, prior_releases=prior_releases)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
