@@ -10,10 +10,13 @@ SCALE ?= smoke
 # Where runs, sweeps and the paper's tables go (the configs' paths.output_dir).
 OUTPUT_DIR ?= $(or $(DP_SWEEPS_OUTPUT_DIR),outputs)
 PYTEST_ARGS ?= -n 2
+# make paper JOBS=N: N runs at once on this machine's device (hydra/launcher=local, docs/cluster.md).
+JOBS ?= 1
+PAPER_LAUNCHER := $(if $(filter-out 1,$(JOBS)),hydra/launcher=local hydra.sweeper.max_batch_size=$(JOBS))
 
 PAPER_EXPERIMENTS := epsilon batch clip lr epochs optimizer classical
 
-.PHONY: help install run test test-all lint bench report audit clean paper paper-table \
+.PHONY: help install run test test-all lint bench gpu-check report audit clean paper paper-table \
 	$(addprefix paper-,$(PAPER_EXPERIMENTS))
 
 ## This list: every target and what it does (the first `## ` line above its rule).
@@ -52,6 +55,10 @@ lint: install
 bench: install
 	$(PY) -m dp_sweeps.bench $(ARGS)
 
+## The first GPU hour: benchmark, bf16, one real epoch, cost estimates (outputs/gpu-check/; ARGS=--smoke: CPU, < 2 min).
+gpu-check: install
+	$(PY) -m dp_sweeps.gpu_check $(ARGS)
+
 ## Empirical privacy audit: ε lower bounds beside the claimed ε, and a broken-mechanism control.
 audit: install
 	$(PY) -m dp_sweeps.privacy.audit $(ARGS)
@@ -61,11 +68,12 @@ report: install
 	$(PY) -m dp_sweeps.analysis.report $(OUTPUT_DIR)/runs $(OUTPUT_DIR)/multiruns --out $(OUTPUT_DIR)/report $(ARGS)
 
 ## One paper experiment, conf/experiment/paper_<experiment>.yaml (epsilon, batch, clip, lr, epochs, optimizer, classical), at SCALE=smoke or full.
-## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated.
+## Runs land in outputs/paper/<scale>/<experiment>/; finished runs are not repeated. JOBS=N runs N at once.
+## Exits non-zero when every run of the experiment failed (the first error is printed).
 $(addprefix paper-,$(PAPER_EXPERIMENTS)): paper-%: install
-	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) paths.output_dir=$(OUTPUT_DIR) $(ARGS) -m
+	$(PY) -m dp_sweeps experiment=paper_$* scale=$(SCALE) paths.output_dir=$(OUTPUT_DIR) $(PAPER_LAUNCHER) $(ARGS) -m
 
-## All of the paper's experiments (every paper-<experiment> above), at SCALE=smoke or full.
+## All of the paper's experiments (every paper-<experiment> above), at SCALE=smoke or full; JOBS=N runs N at once.
 paper: $(addprefix paper-,$(PAPER_EXPERIMENTS))
 
 ## The paper's tables and plots from whatever has been run, into outputs/paper/<scale>/.

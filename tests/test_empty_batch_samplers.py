@@ -31,6 +31,9 @@ MODELS = {
     "wrn16_4": (dict(depth=10, width=1), (3, 32, 32)),  # WSConv2d: Opacus's functorch rule in every engine
     "scatter_linear": (dict(in_channels=9, spatial_size=4, norm_groups=3), (9, 4, 4)),
     "scatter_cnn": (dict(in_channels=9, spatial_size=4, norm_groups=3, layers=(4, "M", 4)), (9, 4, 4)),
+    # A timm backbone with frozen-statistics BatchNorm (ChannelAffine), BiTFiT; a probe on 64 features.
+    "timm": (dict(arch="test_resnet", trainable="bias_and_head", input_size=32), (3, 32, 32)),
+    "timm_probe": (dict(arch="test_vit"), (64,)),
 }
 ENGINES = ("hooks", "ghost", "functorch", "ew")
 SIGMA, CLIP, BATCH, NOISE_SEED = 1.5, 0.5, 4, 11

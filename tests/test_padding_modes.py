@@ -177,6 +177,8 @@ TINY = {
     "wrn16_4": dict(depth=10, width=1),
     "scatter_linear": dict(in_channels=9, spatial_size=4, norm_groups=3),
     "scatter_cnn": dict(in_channels=9, spatial_size=4, norm_groups=3, layers=(4, "M", 4)),
+    "timm": dict(arch="test_resnet", trainable="all", input_size=32),
+    "timm_probe": dict(arch="test_vit"),
 }
 
 

@@ -69,14 +69,15 @@ def test_paper_tables_average_seeds_and_set_the_papers_figure_beside_ours(tmp_pa
     assert main([str(root)]) == 0
     assert capsys.readouterr().out.count("wrote ") == 4  # two experiments, the summary, the README
     summary = (root / "summary.md").read_text()
-    assert "| model | ε=1 | ε=5 | paper_reported |" in summary
-    assert "| efficientnet | 35.00 ± 7.07 | 55.00 ± 7.07 | ε=5: 59.63 |" in summary
-    assert "| convnet |  | 50.00 ± 7.07 |  |" in summary  # its failed ε=1 run is not a result
+    assert "| data_name | model | ε=1 | ε=5 | paper_reported |" in summary
+    assert "| cifar10 | efficientnet | 35.00 ± 7.07 | 55.00 ± 7.07 | ε=5: 59.63 |" in summary
+    assert "| cifar10 | convnet |  | 50.00 ± 7.07 |  |" in summary  # its failed ε=1 run is not a result
     table = (root / "paper_epsilon.md").read_text()
-    assert "| efficientnet | 1 | 35.00 ± 7.07 | 0.98 | 2 |" in table
-    assert "| convnet | sgd | 30.00 | 4.9 | 1 |" in (root / "paper_optimizer.md").read_text()  # one seed: no std
+    assert "| cifar10 | efficientnet | 1 | 35.00 ± 7.07 | 0.98 | 2 |" in table
+    # One seed: no std.
+    assert "| cifar10 | convnet | sgd | 30.00 | 4.9 | 1 |" in (root / "paper_optimizer.md").read_text()
     assert (root / "paper_epsilon.csv").read_text().splitlines()[0] == (
-        "model,target_epsilon,epsilon_mean,seeds,test_accuracy")
+        "data_name,model,target_epsilon,epsilon_mean,seeds,test_accuracy")
     for experiment in ("paper_epsilon", "paper_optimizer"):
         assert (root / f"{experiment}.png").stat().st_size > 10_000
     readme = (root / "README.md").read_text()

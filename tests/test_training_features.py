@@ -215,7 +215,9 @@ def test_eval_flip_run_evaluates_the_mirrored_images(tiny_cfg, tmp_path, monkeyp
     monkeypatch.setattr(loop, "evaluate", spy)
     result = run(tiny_cfg("trainer.eval_flip=true", "data.val_size=32"), tmp_path)
     assert result["status"] == "completed"
-    assert len(seen) == 2  # val and test, one epoch
+    # The run-time estimate's probe (val, test: a few images each), then the epoch's val and test.
+    assert len(seen) == 4
+    assert [len(x) for x, _ in seen[2:]] == [32, result["num_test"]]
     for x, mirror in seen:
         assert mirror is not None and torch.equal(mirror, x.flip(-1))
 

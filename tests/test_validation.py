@@ -114,6 +114,8 @@ def test_config_groups_hold_only_their_own_keys(tiny_cifar):
             assert cfg.features.name == "scattering"
         elif path.stem in ("knn", "naive_bayes", "svm"):
             assert cfg.features.name == "pixels"
+        elif path.stem == "timm_probe":  # the cached frozen-backbone fast path
+            assert cfg.features.name == "backbone"
         else:
             assert cfg.features.name is None
     none = compose_config(tiny_overrides(tiny_cifar) + ["privacy=none"]).privacy

@@ -9,9 +9,13 @@ from dp_sweeps.paths import CONFIG_DIR
 from dp_sweeps.run import task
 
 
-# The search configs register dp_sweeps' resumable Optuna sweeper through this callback.
+# The search configs register dp_sweeps' sweepers (the resumable Optuna one, private tuning)
+# through these callbacks.
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config",
-            execution_whitelist=["dp_sweeps.sweeps.search.RegisterSweeper"])
+            execution_whitelist=["dp_sweeps.sweeps.search.RegisterSweeper",
+                                 "dp_sweeps.sweeps.private_tuning.RegisterPrivateTuning",
+                                 # conf/hydra/default.yaml: a sweep whose every job failed exits non-zero
+                                 "dp_sweeps.sweeps.outcome.SweepOutcome"])
 def _hydra_entry(cfg):
     return task(cfg)
 

@@ -46,7 +46,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import opacus
 import torch
@@ -209,13 +209,16 @@ def run_fit(*, cfg: DictConfig, data: ImageData, device: torch.device,
     return outcome.train_seconds, outcome.samples_seen, outcome.steps
 
 
-def bench_model(model_name: str, *, modes: Sequence[str], settings: BenchSettings) -> list[dict]:
-    """Warm up each mode, then interleave ``repeats`` timed rounds; one record per mode."""
+def bench_model(model_name: str, *, modes: Sequence[str], settings: BenchSettings,
+                make_data: Callable[..., ImageData] = random_cifar) -> list[dict]:
+    """Warm up each mode, then interleave ``repeats`` timed rounds; one record per mode.
+    ``make_data(num_train, seed=, device=)``: the inputs (random CIFAR-shaped images by
+    default; a feature-map model needs its features)."""
     device = resolve_device(settings.device)
-    data = random_cifar(settings.steps * settings.batch_size, seed=settings.seed, device=device)
+    data = make_data(settings.steps * settings.batch_size, seed=settings.seed, device=device)
     # Warm-up: a short run over a few physical batches (kernels, allocator, Opacus hooks).
     physical = settings.physical_batch_size or settings.batch_size
-    warmup = random_cifar(settings.warmup_batches * physical, seed=settings.seed + 1, device=device)
+    warmup = make_data(settings.warmup_batches * physical, seed=settings.seed + 1, device=device)
     configs = {mode: compose_bench_config(model_name=model_name, mode=mode, settings=settings) for mode in modes}
     reasons: dict[str, str] = {}
     runs: dict[str, list[tuple[float, float, int, float]]] = {mode: [] for mode in modes}

@@ -9,7 +9,10 @@ with extras (``pip install 'dp_sweeps[NAME]'``, pyproject.toml; ``all`` has ever
   :mod:`dp_sweeps.sweeps.launcher`) and PostgreSQL storages; it includes ``search``;
 - ``classical``: scikit-learn and diffprivlib (``model=knn``, ``model=naive_bayes``);
 - ``scatter``: kymatio (``features=scattering``);
-- ``report``: pandas and matplotlib (:mod:`dp_sweeps.analysis`).
+- ``report``: pandas and matplotlib (:mod:`dp_sweeps.analysis`);
+- ``tensorboard``, ``mlflow``: those loggers (``logger=tensorboard``, ``logger=mlflow``,
+  :mod:`dp_sweeps.training.loggers`);
+- ``dashboard``: optuna-dashboard, a web view of a search's study (docs/logging.md).
 
 Code that needs an extra imports it through :func:`require` or inside :func:`extra`: a
 package that is not installed becomes a :class:`MissingExtraError`, whose message is one
@@ -34,6 +37,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "classical": ("sklearn", "diffprivlib"),
     "scatter": ("kymatio",),
     "report": ("pandas", "matplotlib"),
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow",),
+    "dashboard": ("optuna_dashboard", "optuna"),
 }
 
 # Config groups that Hydra acts on before any dp_sweeps code runs (it builds the sweeper,

@@ -11,8 +11,17 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dp_sweeps.classical import is_classical, load_classifier
+from dp_sweeps.data.registry import declared_facts
 from dp_sweeps.errors import ConfigError
-from dp_sweeps.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, MAX_EPSILON, MAX_NOISE_MULTIPLIER, MIN_DELTA, MIN_EPSILON
+from dp_sweeps.privacy import (
+    ACCOUNTANTS,
+    GRAD_SAMPLE_MODES,
+    MAX_EPSILON,
+    MAX_NOISE_MULTIPLIER,
+    MIN_DELTA,
+    MIN_EPSILON,
+    check_mechanism_settings,
+)
 from dp_sweeps.privacy.randomness import secure_mode_unavailable
 
 log = logging.getLogger(__name__)
@@ -64,13 +73,17 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError("privacy.accountant='gdp' can under-report ε (a CLT approximation; Opacus warns), so it "
                               "never calibrates σ nor reports a run's ε: use prv or rdp "
                               "(the dry run shows GDP beside them)")
-        require_choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+        if privacy.get("mechanism", "gaussian") == "gaussian":
+            require_choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
         if privacy.get("noise_seed") is not None:
             require_number("privacy.noise_seed", privacy.noise_seed, low=0, low_open=False, integer=True)
         reason = secure_mode_unavailable() if privacy.get("secure_mode") else None
         if reason:
             raise ConfigError(reason)
         require_choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
+        # Gaussian (L2) or Laplace (L1, PLD-accounted): its accountant and engine (dp_sweeps.privacy.laplace).
+        check_mechanism_settings(mechanism=privacy.get("mechanism", "gaussian"), accountant=privacy.accountant,
+                                 grad_sample_mode=privacy.grad_sample_mode)
     if "lr" in cfg.optimizer:
         require_number("optimizer.lr", cfg.optimizer.lr, low=0)
     for key, value in cfg.optimizer.items():
@@ -97,6 +110,7 @@ def validate_config(cfg: DictConfig) -> None:
     if trainer.eval_flip and is_classical(cfg.model.name):
         raise ConfigError(f"trainer.eval_flip=true: model={cfg.model.name} is a classical classifier, "
                           "which evaluates without it; set trainer.eval_flip=false")
+    validate_data_facts(cfg)
     if is_classical(cfg.model.name):
         load_classifier(cfg.model.name)  # its optional packages (an extra), before any data is read
     if trainer.ema_decay is not None:
@@ -106,6 +120,10 @@ def validate_config(cfg: DictConfig) -> None:
     require_choice("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device='cuda' but no CUDA device is available")
+    require_choice("trainer.precision", trainer.get("precision", "fp32"), ("fp32", "bf16"))
+    if trainer.get("precision", "fp32") == "bf16" and privacy.enabled and privacy.grad_sample_mode == "ew":
+        raise ConfigError("trainer.precision=bf16 keeps per-example gradients in fp32 through Opacus's hooks: "
+                          "use privacy.grad_sample_mode auto, hooks, functorch or ghost, not 'ew'")
     require_number("seed", cfg.seed, low=0, low_open=False, high=MAX_SEED, integer=True)
     require_number("data.split_seed", cfg.data.get("split_seed", 0), low=0, low_open=False, high=MAX_SEED,
                    integer=True)
@@ -120,6 +138,24 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("noise_multiplier", "clip_mean", "clip_square"):
             require_number(f"privacy.data_norm.{key}", settings.get(key), low=0, high_open=False,
                            high=MAX_NOISE_MULTIPLIER if key == "noise_multiplier" else None)
+
+
+def validate_data_facts(cfg: DictConfig) -> None:
+    """The facts ``conf/data/<name>.yaml`` declares, and what they rule out: evaluation
+    on mirrors of data whose mirror is another class, and a DP pixel normalisation that
+    only DP-SGD's accountant charges."""
+    facts = declared_facts(cfg.data)
+    if cfg.trainer.eval_flip and not facts.hflip_preserves_label:
+        raise ConfigError(f"trainer.eval_flip=true: data={facts.name} declares hflip_preserves_label=false "
+                          f"(a mirrored image is another class); set trainer.eval_flip=false")
+    if facts.normalization == "dp":
+        if is_classical(cfg.model.name):
+            raise ConfigError(f"data.normalization=dp is charged to DP-SGD's accountant; model={cfg.model.name} "
+                              f"spends its own ε: use data.normalization=fixed")
+        if cfg.privacy.enabled:
+            settings = cfg.data.get("dp_normalization") or {}
+            require_number("data.dp_normalization.noise_multiplier", settings.get("noise_multiplier"), low=0,
+                           high=MAX_NOISE_MULTIPLIER, high_open=False)
 
 
 def validate_against_data(cfg: DictConfig, *, num_train: int) -> None:

@@ -138,7 +138,7 @@ def reevaluate(cfg: DictConfig, run_dir: str | os.PathLike) -> tuple[float, floa
     if cfg.features.name is not None:
         data = apply_feature_map(data, OmegaConf.to_container(cfg.features, resolve=True),
                                  cache_dir=cfg.data.feature_cache)
-    model = build_model(cfg.model, num_classes=data.num_classes)
+    model = build_model(cfg.model, data.facts)
     saved = load_checkpoint(checkpoint_path(run_dir))
     if cfg.trainer.ema_decay is None:
         weights = saved["model"]

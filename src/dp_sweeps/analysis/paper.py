@@ -70,13 +70,15 @@ def experiment_table(runs: pd.DataFrame, experiment: PaperExperiment) -> pd.Data
     if done.empty or experiment.column not in done:
         return pd.DataFrame()
     done = done.assign(test_accuracy=pd.to_numeric(done["test_accuracy"], errors="coerce"),
-                       epsilon=pd.to_numeric(done.get("epsilon"), errors="coerce"))
-    table = (done.groupby(["model", experiment.column], dropna=False)
+                       epsilon=pd.to_numeric(done.get("epsilon"), errors="coerce"),
+                       data_name=done["data_name"].fillna("cifar10") if "data_name" in done else "cifar10")
+    # Per data set (experiment=paper_* runs on any data choice), then model and varied value.
+    table = (done.groupby(["data_name", "model", experiment.column], dropna=False)
              .agg(test_accuracy_mean=("test_accuracy", "mean"), test_accuracy_std=("test_accuracy", "std"),
                   epsilon_mean=("epsilon", "mean"), seeds=("test_accuracy", "size"))
              .reset_index())
     table["test_accuracy"] = [_fmt(m, s) for m, s in zip(table["test_accuracy_mean"], table["test_accuracy_std"])]
-    return table.sort_values(["model", experiment.column]).reset_index(drop=True)
+    return table.sort_values(["data_name", "model", experiment.column]).reset_index(drop=True)
 
 
 def plot_experiment(table: pd.DataFrame, experiment: PaperExperiment, path: Path) -> Optional[Path]:
@@ -86,12 +88,14 @@ def plot_experiment(table: pd.DataFrame, experiment: PaperExperiment, path: Path
     ax = fig.add_subplot()
     categorical = not pd.api.types.is_numeric_dtype(table[experiment.column])
     categories = sorted(table[experiment.column].astype(str).unique()) if categorical else None
-    for i, (model, group) in enumerate(table.groupby("model")):
+    several = table["data_name"].nunique() > 1
+    for i, ((data_name, model), group) in enumerate(table.groupby(["data_name", "model"])):
         x = ([categories.index(str(v)) for v in group[experiment.column]] if categorical
              else group[experiment.column].astype(float).to_numpy())
         y = group["test_accuracy_mean"].to_numpy() * 100
         err = np.nan_to_num(group["test_accuracy_std"].to_numpy() * 100)
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=str(model), color=f"C{i}")
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i % 10}",
+                    label=f"{data_name}: {model}" if several else str(model))
     if categorical:
         ax.set_xticks(range(len(categories)), categories)
     elif experiment.log_x:
@@ -107,13 +111,15 @@ def plot_experiment(table: pd.DataFrame, experiment: PaperExperiment, path: Path
 
 
 def summary_table(epsilon_table: pd.DataFrame) -> pd.DataFrame:
-    """Model × ε (test accuracy, %), with the paper's reported figure beside ours."""
+    """Data set and model × ε (test accuracy, %), with the paper's reported (CIFAR-10)
+    figure beside ours."""
     if epsilon_table.empty:
         return pd.DataFrame()
-    wide = epsilon_table.pivot(index="model", columns="target_epsilon", values="test_accuracy")
+    wide = epsilon_table.pivot(index=["data_name", "model"], columns="target_epsilon", values="test_accuracy")
     wide.columns = [f"ε={c:g}" for c in wide.columns]
+    # The paper's figures are CIFAR-10's.
     reported = [", ".join(f"ε={eps:g}: {100 * acc:.2f}" for (m, eps), acc in PAPER_REPORTED_ACCURACY.items()
-                          if m == model) for model in wide.index]
+                          if m == model) if data_name == "cifar10" else "" for data_name, model in wide.index]
     return wide.assign(paper_reported=reported).reset_index()
 
 
@@ -136,7 +142,7 @@ def build_paper_tables(root: str | Path) -> dict[str, Path]:
         counts = runs["status"].value_counts().to_dict() if "status" in runs else {}
         table.drop(columns=["test_accuracy_mean", "test_accuracy_std"], errors="ignore").to_csv(
             root / f"{experiment.name}.csv", index=False)
-        md = markdown_table(table, {"model": "model", experiment.column: experiment.label,
+        md = markdown_table(table, {"data_name": "data", "model": "model", experiment.column: experiment.label,
                                     "test_accuracy": "test accuracy (%)", "epsilon_mean": "ε spent",
                                     "seeds": "seeds"}) if not table.empty else "_no completed runs yet_\n"
         (root / f"{experiment.name}.md").write_text(f"# {experiment.name}\n\n{md}")

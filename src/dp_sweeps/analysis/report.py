@@ -61,7 +61,7 @@ NOT_A_SETTING = ("seed", "paths.", "search.", "data.root", "data.download", "dat
                  "trainer.physical_batch_size", "trainer.checkpoint_every", "trainer.resume",
                  "privacy.grad_sample_mode", "dry_run", "optimized_metric")
 # result.json keys that define a setting when a run has no saved config.
-RESULT_SETTING_KEYS = ("model", "optimizer", "lr", "private", "accountant", "target_epsilon", "delta",
+RESULT_SETTING_KEYS = ("data_name", "model", "optimizer", "lr", "private", "accountant", "target_epsilon", "delta",
                        "max_grad_norm", "batch_size", "epochs", "poisson_sampling", "num_train", "num_val")
 TRIAL_STATUS = {"COMPLETE": "completed", "FAIL": "failed", "RUNNING": "running", "PRUNED": "pruned",
                 "WAITING": "waiting"}
@@ -122,8 +122,21 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         row["study"] = flat.get("search.study")
         row["trial"] = flat.get("search.trial")
         row.setdefault("model", flat.get("model.name"))
+        row.setdefault("data_name", flat.get("data.name"))
+    if row.get("released_by") == "private_tuning":
+        # The model a private search released: its ε is the whole search's (tuning_privacy.json).
+        row.update(source="released", per_run_epsilon=row.get("epsilon"), epsilon=row.get("tuning_epsilon"))
+    # Runs recorded before other data sets existed (no data_name, no data.name) were CIFAR-10's.
+    if row.get("data_name") is None and row.get("status") != "no_result":
+        row["data_name"] = "cifar10"
     row["setting"] = _setting_id(row)
     return row
+
+
+def secret_trial(row: dict[str, Any]) -> bool:
+    """A trial of a private search (hparams_search=private_tuning): its figures are private
+    (only the released copy is published; docs/private_tuning.md)."""
+    return row.get("score_noise") is not None and row.get("released_by") is None
 
 
 def _setting_id(row: dict[str, Any]) -> str:
@@ -222,7 +235,10 @@ def collect_runs(paths: Iterable[str | Path], *, storages: Iterable[str] = (), s
     found there or in ``storages``, as one table: one row per run, plus one per trial
     that has no run folder. ``status`` is the run's (or, for those, the trial's)."""
     paths = list(paths)
-    runs = pd.DataFrame([read_run(d) for d in find_run_dirs(paths)])
+    rows = [read_run(d) for d in find_run_dirs(paths)]
+    if secret := sum(map(secret_trial, rows)):
+        log.info("%d trial(s) of private searches left out (private; their released model is shown)", secret)
+    runs = pd.DataFrame([r for r in rows if not secret_trial(r)])
     for column in ("run_dir", "source", "study", "trial", "status"):
         if column not in runs:
             runs[column] = pd.Series(dtype=object)
@@ -271,15 +287,17 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     runs = runs.copy()
     for column, default in (("private", True), ("epsilon_valid", True), ("epsilon", math.nan),
-                            ("target_epsilon", math.nan), ("model", "unknown"), ("setting", "")):
+                            ("target_epsilon", math.nan), ("model", "unknown"), ("setting", ""),
+                            ("data_name", "cifar10")):
         runs[column] = runs[column].fillna(default) if column in runs else default
     runs["epsilon"] = pd.to_numeric(runs["epsilon"], errors="coerce")
-    grouped = runs.groupby(["model", "setting"], dropna=False)
+    # One group per data set, model and setting: accuracies of different data sets never mix.
+    grouped = runs.groupby(["data_name", "model", "setting"], dropna=False)
     summary = grouped.agg(private=("private", "first"), target_epsilon=("target_epsilon", "first"),
                           epsilon_mean=("epsilon", "mean"), epsilon_valid=("epsilon_valid", "all"),
                           test_accuracy_mean=("test_accuracy", "mean"), test_accuracy_std=("test_accuracy", "std"),
                           seeds=("test_accuracy", "size")).reset_index()
-    return summary.sort_values(["model", "epsilon_mean"], na_position="last").reset_index(drop=True)
+    return summary.sort_values(["data_name", "model", "epsilon_mean"], na_position="last").reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------ figures
@@ -308,10 +326,17 @@ def plot_accuracy_vs_epsilon(table: pd.DataFrame, path: str | Path) -> Path | No
         return None
     fig = Figure(figsize=(6.4, 4.4), dpi=150)
     ax = fig.add_subplot()
-    colours = {m: f"C{i}" for i, m in enumerate(sorted(summary["model"].astype(str).unique()))}
+    # One curve per data set and model (named "data: model" when there are several data sets).
+    several = summary["data_name"].nunique() > 1
+    curve = (summary["data_name"].astype(str) + ": " + summary["model"].astype(str)) if several \
+        else summary["model"].astype(str)
+    summary = summary.assign(curve=curve)
+    private = summary[summary["private"].astype(bool) & summary["epsilon_mean"].notna()]
+    baseline = summary[~summary["private"].astype(bool)]
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(summary["curve"].unique()))}
     completed = table.loc[table["status"] == "completed"]
     deltas = sorted({f"{d:g}" for d in completed.get("delta", pd.Series(dtype=float)).dropna()})
-    for model, group in private.groupby(private["model"].astype(str)):
+    for model, group in private.groupby("curve"):
         group = group.sort_values("epsilon_mean")
         seeds = int(group["seeds"].max())
         label = f"{model} (mean ± std, {seeds} seeds)" if seeds > 1 else model
@@ -324,7 +349,7 @@ def plot_accuracy_vs_epsilon(table: pd.DataFrame, path: str | Path) -> Path | No
             ax.plot(invalid["epsilon_mean"], _percent(invalid["test_accuracy_mean"]), "o", markersize=11,
                     markerfacecolor="none", markeredgecolor="black",
                     label=f"{INVALID_MARK} ε not valid (no Poisson sampling)")
-    for model, group in baseline.groupby(baseline["model"].astype(str)):
+    for model, group in baseline.groupby("curve"):
         ax.axhline(_percent(group["test_accuracy_mean"].mean()), color=colours[model], linestyle="--",
                    label=f"{model}, non-private")
     if not private.empty:
@@ -338,6 +363,42 @@ def plot_accuracy_vs_epsilon(table: pd.DataFrame, path: str | Path) -> Path | No
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     return _save_with_footnote(fig, "Each ε is the run's own; the cost of choosing hyperparameters is not included.",
                                path)
+
+
+def plot_accuracy_by_mechanism(table: pd.DataFrame, path: str | Path) -> Path | None:
+    """Test accuracy against ε with one line per (model, noise mechanism), mean ± std over
+    seeds, for completed private runs outside searches: the Gaussian against the Laplace
+    mechanism at equal ε (``experiment=paper_mechanism``). ``None`` unless the runs use
+    more than one mechanism."""
+    runs = plottable(table)
+    if "study" in runs:
+        runs = runs[runs["study"].isna()]
+    if runs.empty or "mechanism" not in runs or "test_accuracy" not in runs:
+        return None
+    runs = runs[runs["mechanism"].notna() & pd.to_numeric(runs["epsilon"], errors="coerce").notna()].copy()
+    if runs["mechanism"].nunique() < 2:
+        return None
+    runs["epsilon"] = pd.to_numeric(runs["epsilon"], errors="coerce")
+    runs["target"] = runs["target_epsilon"].fillna(runs["epsilon"]) if "target_epsilon" in runs else runs["epsilon"]
+    fig = Figure(figsize=(6.4, 4.4), dpi=150)
+    ax = fig.add_subplot()
+    styles = {"gaussian": "o-", "laplace": "s--"}
+    for i, ((model, mechanism), group) in enumerate(runs.groupby([runs["model"].astype(str), "mechanism"])):
+        summary = group.groupby("target").agg(epsilon=("epsilon", "mean"), mean=("test_accuracy", "mean"),
+                                              std=("test_accuracy", "std"), seeds=("test_accuracy", "size"))
+        summary = summary.sort_values("epsilon")
+        seeds = int(summary["seeds"].max())
+        ax.errorbar(summary["epsilon"], _percent(summary["mean"]), yerr=_percent(summary["std"].fillna(0.0)),
+                    fmt=styles.get(mechanism, "^:"), color=f"C{i}", capsize=3,
+                    label=f"{model}, {mechanism}" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""))
+    _log_x(ax)
+    ax.set_xlabel("ε spent by the run")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title("Gaussian (L2 clipping) against Laplace (L1 clipping) at equal ε")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save_with_footnote(fig, "Each ε is the run's own (Gaussian: the configured accountant; Laplace: PLD); "
+                                    "the cost of choosing hyperparameters is not included.", path)
 
 
 def plot_pareto(table: pd.DataFrame, study: str, path: str | Path) -> Path | None:
@@ -429,9 +490,17 @@ def _markdown(table: pd.DataFrame, figures: dict[str, Path], out_dir: Path) -> s
             test_accuracy=[f"{100 * m:.2f} ± {100 * s:.2f}" if s == s else f"{100 * m:.2f}"
                            for m, s in zip(summary["test_accuracy_mean"], summary["test_accuracy_std"])])
         parts += ["## Test accuracy against ε (runs outside searches, mean ± std over seeds)\n",
-                  markdown_table(summary, {"model": "model", "target_epsilon": "target ε", "epsilon": "ε spent",
+                  markdown_table(summary, {"data_name": "data", "model": "model", "target_epsilon": "target ε",
+                                           "epsilon": "ε spent",
                                            "test_accuracy": "test accuracy (%)", "seeds": "seeds",
                                            "setting": "setting"})]
+    if "trial_state" in table and table["trial_state"].notna().any():
+        # Pruned trials (hydra.sweeper.pruner) stopped early: counted here, never plotted as results.
+        states = (table[table["trial_state"].notna()].groupby(["study", "trial_state"]).size()
+                  .unstack(fill_value=0).reset_index())
+        states.columns = [str(c).lower() if c != "study" else c for c in states.columns]
+        parts += ["## Trials per study (pruned trials stopped early on validation accuracy)\n",
+                  markdown_table(states)]
     if "pareto" in table:
         for study, group in table[table["pareto"] == True].groupby("study"):  # noqa: E712
             best = _as_percent(group.sort_values("trial"))
@@ -441,6 +510,17 @@ def _markdown(table: pd.DataFrame, figures: dict[str, Path], out_dir: Path) -> s
             parts += [f"## Best trials of study `{study}` (the Pareto set for several objectives)\n",
                       markdown_table(best, {"trial": "trial", **objective_columns, "test_accuracy": "test acc (%)",
                                             "epsilon_shown": "ε spent", "run": "run"})]
+    tuned = private_tuning_table(table)
+    if not tuned.empty:
+        parts += ["## Private hyperparameter searches (hparams_search=private_tuning)\n",
+                  "Each search's released model at the ε of the whole search (Papernot & Steinke 2022), the "
+                  "same model at its own run's ε (what papers usually print: the search not accounted), and the "
+                  "baseline: one run at the centre of the space (hyperparameters fixed before seeing data, no "
+                  "search) at the search's total ε (`tuning.baseline=true`). The other trials are private and "
+                  "not shown.\n",
+                  markdown_table(_as_percent(tuned), {"search": "search", "row": "", "epsilon": "ε", "delta": "δ",
+                                                      "test_accuracy": "test acc (%)",
+                                                      "noisy_val_accuracy": "noisy val acc (%)"})]
     if figures:
         parts += ["## Figures\n"] + [f"![{name}]({path.relative_to(out_dir)})\n" for name, path in figures.items()]
     listing = _as_percent(table).assign(run=[_short(p) for p in table.get("run_dir", pd.Series([None] * len(table)))])
@@ -448,6 +528,32 @@ def _markdown(table: pd.DataFrame, figures: dict[str, Path], out_dir: Path) -> s
     if "epsilon_valid" in table and ((table["epsilon_valid"] == False) & (table.get("private") == True)).any():  # noqa: E712
         parts.append(f"\n{INVALID_NOTE}\n")
     return "\n".join(parts)
+
+
+def private_tuning_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Three rows per private search released in ``table``: the released model at the
+    search's ε, the same model at its own run's ε, and the no-search baseline (if run)."""
+    if table.empty or "source" not in table:
+        return pd.DataFrame()
+    rows: list[dict[str, Any]] = []
+    for released in table[table["source"] == "released"].to_dict("records"):
+        sweep = Path(str(released["run_dir"])).parent
+        name, delta = "/".join(sweep.parts[-2:]), released.get("delta")
+        accuracy, noisy = released.get("test_accuracy"), released.get("noisy_val_accuracy")
+        rows.append({"search": name, "row": "released model, whole search accounted", "delta": delta,
+                     "epsilon": released.get("epsilon"), "test_accuracy": accuracy, "noisy_val_accuracy": noisy})
+        rows.append({"search": name, "row": "same model at its run's ε (search not accounted)", "delta": delta,
+                     "epsilon": released.get("per_run_epsilon"), "test_accuracy": accuracy,
+                     "noisy_val_accuracy": noisy})
+        baseline = sweep / "baseline" / RESULT_FILE
+        if baseline.is_file():
+            result = json.loads(baseline.read_text())
+            rows.append({"search": name, "row": "baseline: centre of the space, no search",
+                         "delta": result.get("delta"), "epsilon": result.get("epsilon"),
+                         "test_accuracy": result.get("test_accuracy")})
+        else:
+            rows.append({"search": name, "row": "baseline: not run (tuning.baseline=true)"})
+    return pd.DataFrame(rows)
 
 
 def _as_percent(frame: pd.DataFrame) -> pd.DataFrame:
@@ -476,6 +582,9 @@ def write_report(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         accuracy = plot_accuracy_vs_epsilon(table, out_dir / "accuracy_vs_epsilon.png")
         if accuracy is not None:
             figures["accuracy_vs_epsilon"] = accuracy
+        by_mechanism = plot_accuracy_by_mechanism(table, out_dir / "accuracy_by_mechanism.png")
+        if by_mechanism is not None:
+            figures["accuracy_by_mechanism"] = by_mechanism
         if "metrics" in table:
             for study in sorted(table.loc[table["metrics"].notna(), "study"].dropna().unique()):
                 path = plot_pareto(table, study, out_dir / f"pareto_{study}.png")

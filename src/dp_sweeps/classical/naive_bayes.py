@@ -16,7 +16,7 @@ cost ε/(3d) together. The reported ``epsilon`` is the total of a diffprivlib
 ``BudgetAccountant`` charged with each mechanism's ε as it runs.
 
 Bounds are never read from the data: they come from the feature map's definition and
-the public normalisation constants (:func:`dp_sweeps.data.features.pixels.feature_bounds`),
+the data set's public normalisation constants (:func:`dp_sweeps.data.features.pixels.feature_bounds`),
 and every feature is clipped to them before fitting. The add/remove sensitivity of a
 sum is ``max(|lower|, |upper|)``, which diffprivlib's ``upper - lower`` covers only when
 ``lower <= 0 <= upper``: checked.
@@ -175,7 +175,7 @@ def run_naive_bayes(cfg, settings: NaiveBayesSettings, *, data, device, output_d
     if private:
         epsilon = target_epsilon(cfg, model="naive_bayes")
         spec = OmegaConf.to_container(cfg.features, resolve=True) if cfg.features.name is not None else None
-        lower, upper = feature_bounds(spec)
+        lower, upper = feature_bounds(spec, data_facts=data.facts)
         if len(lower) != num_features:
             raise ConfigError(f"features={spec}: stated bounds cover {len(lower)} features, "
                               f"the map gives {num_features}")

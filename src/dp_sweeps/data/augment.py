@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_flip(x: torch.Tensor, *, padding: int = 4,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Per-example random crop (reflect-padded) and horizontal flip of a whole batch.
+def random_crop_flip(x: torch.Tensor, *, padding: int = 4, generator: Optional[torch.Generator] = None,
+                     flip: bool = True) -> torch.Tensor:
+    """Per-example random crop (reflect-padded) and, with ``flip``, horizontal flip of a
+    whole batch. ``flip=False`` for data whose mirror is another class (digits:
+    ``DataFacts.hflip_preserves_label``).
 
     Augmentation is a function of one example and fresh randomness, so it does not
     change an example's sensitivity: DP-SGD's guarantee is unaffected.
@@ -26,5 +28,7 @@ def random_crop_flip(x: torch.Tensor, *, padding: int = 4,
     cols = (left.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
     # Take h padded rows, then w columns of each, per example.
     cropped = padded.gather(2, rows.expand(n, c, h, padded.shape[3])).gather(3, cols.expand(n, c, h, w))
-    flip = torch.rand(n, device=dev, generator=generator) < 0.5
-    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
+    if not flip:
+        return cropped
+    mirrored = torch.rand(n, device=dev, generator=generator) < 0.5
+    return torch.where(mirrored.view(n, 1, 1, 1), cropped.flip(3), cropped)

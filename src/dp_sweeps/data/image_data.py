@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from dp_sweeps.data.facts import DataFacts
+
 
 @dataclass
 class ImageData:
@@ -17,6 +19,12 @@ class ImageData:
     empty when ``val_size`` is 0. The test set is never used for tuning.
     ``val_x_mirror`` / ``test_x_mirror``: the same inputs from horizontally mirrored
     images, for evaluation with ``trainer.eval_flip`` (None otherwise).
+    ``facts``: the data set's public facts (:class:`DataFacts`); they describe the
+    images, and stay the same when a feature map replaces the inputs. Left out (tensors
+    built by hand), they are read off the tensors' shape, with a flip that keeps labels.
+    ``prior_releases``: Gaussian releases already made from the training set while
+    preparing it (``data.normalization=dp``), as accountant entries ``(σ, q, count)``:
+    the run's ε covers them.
     """
 
     train_x: torch.Tensor
@@ -28,6 +36,15 @@ class ImageData:
     num_classes: int
     val_x_mirror: Optional[torch.Tensor] = None
     test_x_mirror: Optional[torch.Tensor] = None
+    facts: Optional[DataFacts] = None
+    prior_releases: tuple[tuple[float, float, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.facts is None:
+            shape = tuple(self.train_x.shape[1:])
+            self.facts = DataFacts(name="tensors", channels=int(shape[0]) if shape else 1,
+                                   image_size=int(shape[-1]) if shape else 1, num_classes=self.num_classes,
+                                   hflip_preserves_label=True)
 
     @property
     def num_train(self) -> int:
@@ -35,7 +52,10 @@ class ImageData:
 
     def with_mirrors(self) -> "ImageData":
         """A copy carrying the horizontal mirrors of the val and test images (the last
-        axis is the width), read by evaluation with ``trainer.eval_flip``."""
+        axis is the width), read by evaluation with ``trainer.eval_flip``. Refused where a
+        mirror is another class (``facts.hflip_preserves_label`` false)."""
+        if not self.facts.hflip_preserves_label:
+            raise ValueError(f"data={self.facts.name}: a mirrored image is another class (hflip_preserves_label=false)")
         return ImageData(**{**vars(self), "val_x_mirror": self.val_x.flip(-1), "test_x_mirror": self.test_x.flip(-1)})
 
     def to(self, device: torch.device) -> "ImageData":

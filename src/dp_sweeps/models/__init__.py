@@ -7,7 +7,7 @@ no in-place operation on a hooked module's output (Opacus's backward hooks forbi
 """
 
 # Importing the builder modules registers them.
-from dp_sweeps.models import convnet, densenet, efficientnet, resnet, scatter, vit, wrn  # noqa: E402,F401
+from dp_sweeps.models import convnet, densenet, efficientnet, resnet, scatter, timm_backbone, vit, wrn  # noqa: E402,F401
 from dp_sweeps.models._registry import create_model, disable_inplace, list_models, register_model
 
 __all__ = ["create_model", "disable_inplace", "list_models", "register_model"]

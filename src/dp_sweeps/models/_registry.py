@@ -3,7 +3,8 @@ this module, never the package, so that importing a model creates no cycle."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import inspect
+from typing import Any, Callable, Dict
 
 import torch.nn as nn
 
@@ -22,11 +23,19 @@ def list_models() -> list[str]:
     return sorted(_MODEL_REGISTRY)
 
 
-def create_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build the registered model ``name``; ``kwargs`` are the builder's own settings."""
+def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                 data_facts: Any = None, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` for images of ``in_channels`` x ``image_size``
+    x ``image_size`` and ``num_classes`` classes; ``kwargs`` are the builder's own
+    settings. ``data_facts`` (a :class:`dp_sweeps.data.DataFacts`) reaches only builders
+    that name a ``data_facts`` parameter (e.g. to preprocess for a pretrained backbone).
+    A size the model cannot take raises ValueError naming both values."""
     if name not in _MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
+    builder = _MODEL_REGISTRY[name]
+    if data_facts is not None and "data_facts" in inspect.signature(builder).parameters:
+        kwargs["data_facts"] = data_facts
+    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
 
 
 def disable_inplace(module: nn.Module) -> nn.Module:
@@ -36,3 +45,9 @@ def disable_inplace(module: nn.Module) -> nn.Module:
         if getattr(m, "inplace", False):
             m.inplace = False
     return module
+
+
+def require_min_size(image_size: int, minimum: int, *, model: str) -> None:
+    """A builder's refusal of images smaller than its downsampling can take."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < minimum:
+        raise ValueError(f"model={model} needs data.image_size >= {minimum}, got data.image_size={image_size!r}")

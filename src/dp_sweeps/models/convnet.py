@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dp_sweeps.models._registry import register_model
+from dp_sweeps.models._registry import register_model, require_min_size
 from dp_sweeps.models.norms import group_norm
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -23,7 +23,9 @@ def activation_layer(name: str) -> nn.Module:
 def convnet(*, num_classes: int = 10, in_channels: int = 3, width: int = 32,
             hidden: int = 128, activation: str = "tanh", norm: bool = False,
             image_size: int = 32) -> nn.Module:
-    """``width`` channels in the first stage, doubling per stage; ``norm`` adds GroupNorm."""
+    """``width`` channels in the first stage, doubling per stage; ``norm`` adds GroupNorm.
+    Three 2x2 max-pools: ``image_size`` >= 8 (28 -> 14 -> 7 -> 3, 32 -> 4)."""
+    require_min_size(image_size, 8, model="convnet")
     for key, value in (("width", width), ("hidden", hidden)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"model.{key}={value!r} must be a positive integer")

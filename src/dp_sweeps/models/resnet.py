@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dp_sweeps.models._registry import register_model
+from dp_sweeps.models._registry import register_model, require_min_size
 from dp_sweeps.models.norms import group_norm
 
 
@@ -52,8 +52,10 @@ class ResNet(nn.Module):
 
 
 @register_model
-def resnet18(*, num_classes: int = 10, in_channels: int = 3, width: int = 64,
+def resnet18(*, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 64,
              blocks_per_stage: Sequence[int] = (2, 2, 2, 2)) -> nn.Module:
-    """ResNet-18 (11.2M parameters at ``width=64``); smaller ``width``/``blocks_per_stage`` for tests."""
+    """ResNet-18 (11.2M parameters at ``width=64``); smaller ``width``/``blocks_per_stage`` for tests.
+    Any ``image_size`` >= 2^(stages - 1) (stride-2 stages, then global pooling)."""
+    require_min_size(image_size, 2 ** (len(blocks_per_stage) - 1), model="resnet18")
     return ResNet(num_classes=num_classes, in_channels=in_channels, width=width,
                   blocks_per_stage=tuple(blocks_per_stage))

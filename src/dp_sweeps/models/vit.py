@@ -1,5 +1,5 @@
-"""Vision Transformer from timm for 32x32 inputs (4x4 patches: 64 tokens). LayerNorm
-and attention keep examples independent, so it is DP-compatible as it comes.
+"""Vision Transformer from timm for small inputs (4x4 patches: 64 tokens at 32x32, 49 at
+28x28). LayerNorm and attention keep examples independent, so it is DP-compatible as it comes.
 
 One change for speed, none to the function: timm keeps the class token and the position
 embedding as parameters of the ``VisionTransformer`` module itself, for which Opacus has
@@ -76,6 +76,11 @@ class DPVisionTransformer(VisionTransformer):
 @register_model
 def vit(*, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
         embed_dim: int = 192, depth: int = 6, num_heads: int = 3, mlp_ratio: float = 4.0) -> nn.Module:
+    """``image_size`` / ``patch_size`` patches per side: the patch must divide the image."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"model.patch_size={patch_size!r} must be a positive integer")
+    if image_size % patch_size:
+        raise ValueError(f"model.patch_size={patch_size} does not divide data.image_size={image_size}")
     model = DPVisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_channels,
                                 num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                                 num_heads=num_heads, mlp_ratio=mlp_ratio)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dp_sweeps.models._registry import register_model
+from dp_sweeps.models._registry import register_model, require_min_size
 
 
 class WSConv2d(nn.Conv2d):
@@ -111,8 +111,10 @@ class WideResNet(nn.Module):
 
 
 @register_model
-def wrn16_4(*, num_classes: int = 10, in_channels: int = 3, depth: int = 16, width: int = 4,
+def wrn16_4(*, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, depth: int = 16, width: int = 4,
             num_groups: int = 16) -> nn.Module:
-    """WRN-16-4 with GroupNorm(16) and weight-standardised convolutions (De et al. 2022)."""
+    """WRN-16-4 with GroupNorm(16) and weight-standardised convolutions (De et al. 2022).
+    Any ``image_size`` >= 4 (two stride-2 stages, then global pooling)."""
+    require_min_size(image_size, 4, model="wrn16_4")
     return WideResNet(num_classes=num_classes, in_channels=in_channels, depth=depth, width=width,
                       num_groups=num_groups)

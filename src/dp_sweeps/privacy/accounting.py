@@ -2,7 +2,9 @@
 
 Guarantee: :func:`epsilon_for` is the Opacus accountant's (PRV or RDP: upper bounds on
 the true ε) for the Poisson-subsampled Gaussian steps given, after the releases made
-before training. :func:`cross_check_epsilon` is a second opinion, described below.
+before training; for the Laplace mechanism (:mod:`dp_sweeps.privacy.laplace`) it is
+dp_accounting's PLD ε of the Poisson-subsampled Laplace steps (:func:`ledger_epsilon`).
+:func:`cross_check_epsilon` is a second opinion, described below.
 
 A second opinion on ε: the same run under three accountants (and GDP, for contrast).
 
@@ -47,9 +49,18 @@ def check_prior_releases(prior: tuple, accountant: str) -> None:
 
 
 def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                accountant: str = "prv", prior: tuple[tuple[float, float, int], ...] = ()) -> float:
-    """ε after ``prior`` releases then ``steps`` Poisson-sampled Gaussian steps, from an
-    Opacus accountant."""
+                accountant: str = "prv", prior: tuple[tuple[float, float, int], ...] = (),
+                mechanism: str = "gaussian") -> float:
+    """ε after ``prior`` (Gaussian) releases then ``steps`` Poisson-sampled steps of
+    ``mechanism``: Gaussian steps from an Opacus accountant (prv, rdp), Laplace steps
+    (noise ratio b / C = ``noise_multiplier``) from dp_accounting's PLD (``accountant="pld"``)."""
+    if mechanism == "laplace":
+        if accountant != "pld":
+            raise ValueError(f"the Laplace mechanism is accounted with pld, not {accountant!r}")
+        return ledger_epsilon(gaussian=[*map(tuple, prior)], laplace=[(noise_multiplier, sample_rate, steps)],
+                              delta=delta)
+    if mechanism != "gaussian":
+        raise ValueError(f"unknown mechanism {mechanism!r}")
     check_prior_releases(prior, accountant)
     return _ledger_epsilon([*map(tuple, prior), (noise_multiplier, sample_rate, steps)], delta=delta,
                            accountant=accountant)
@@ -91,6 +102,26 @@ def pld_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delt
         event = dp_event.GaussianDpEvent(sigma)
         if q < 1:
             event = dp_event.PoissonSampledDpEvent(q, event)
+        accountant.compose(dp_event.SelfComposedDpEvent(event, int(count)))
+    return float(accountant.get_epsilon(delta))
+
+
+def ledger_epsilon(*, gaussian: list, laplace: list, delta: float,
+                   value_discretization_interval: float = PLD_VALUE_DISCRETIZATION) -> float:
+    """ε under dp_accounting's PLD accountant of Gaussian releases ``(σ, q, count)`` followed
+    by Laplace steps ``(b / C, q, count)``, each Poisson-subsampled at its q (none at q = 1).
+    A pessimistic estimate, as :func:`pld_epsilon`. Used by the Laplace mechanism's
+    accountant (:mod:`dp_sweeps.privacy.laplace`)."""
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=value_discretization_interval)
+    entries = [(dp_event.GaussianDpEvent, *r) for r in gaussian] + [(dp_event.LaplaceDpEvent, *r) for r in laplace]
+    for event_class, multiplier, q, count in entries:
+        if int(count) == 0:
+            continue
+        if multiplier == 0:
+            return math.inf
+        event = event_class(float(multiplier))
+        if q < 1:
+            event = dp_event.PoissonSampledDpEvent(float(q), event)
         accountant.compose(dp_event.SelfComposedDpEvent(event, int(count)))
     return float(accountant.get_epsilon(delta))
 

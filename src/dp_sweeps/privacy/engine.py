@@ -6,7 +6,10 @@ Guarantee: with ``plan.poisson_sampling``, training through :func:`make_private`
 plan's accountant computes for σ, q and the steps actually taken. Per-example gradients
 are clipped to ``max_grad_norm`` in L2 (over all parameters together), summed, and
 Gaussian noise of standard deviation ``σ · max_grad_norm`` is added once per step, also
-for an empty batch. Releases before training (``plan.prior_releases``) head the ledger.
+for an empty batch. With ``plan.mechanism == "laplace"`` the clipping is in L1 and the
+noise Laplace(0, σ · max_grad_norm) per coordinate, accounted by dp_accounting's PLD
+(:mod:`dp_sweeps.privacy.laplace`). Releases before training (``plan.prior_releases``)
+head the ledger.
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ import torch
 from opacus import PrivacyEngine
 
 from dp_sweeps import grad_sample
+from dp_sweeps.errors import ConfigError
 from dp_sweeps.grad_sample import bookkeeping
+from dp_sweeps.privacy.laplace import LaplacePLDAccountant, use_laplace_mechanism
 from dp_sweeps.privacy.plan import PrivacyPlan
 from dp_sweeps.privacy.sampling import poisson_index_loader, shuffled_index_loader
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 
 
-def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
+def resolve_grad_sample_mode(mode: str, model_name: str, *, mechanism: str = "gaussian") -> str:
     """The Opacus engine for ``privacy.grad_sample_mode``: ``auto`` becomes the model's
     entry in :data:`AUTO_GRAD_SAMPLE_MODE` (``hooks``, Opacus's default, for a model not
-    measured); any other mode is kept as given.
+    measured; ``hooks`` instead of ``ghost`` for the Laplace mechanism, whose L1 norms
+    need the per-example gradients); any other mode is kept as given.
 
     Guarantee: the engine changes speed and memory only. Every engine ``auto`` can return
     gives the same clipped and noised gradient as ``hooks`` (same seed, to 1e-5 relative;
@@ -36,7 +42,8 @@ def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
     """
     if mode != "auto":
         return mode
-    return AUTO_GRAD_SAMPLE_MODE.get(model_name, "hooks")
+    chosen = AUTO_GRAD_SAMPLE_MODE.get(model_name, "hooks")
+    return "hooks" if mechanism == "laplace" and chosen == "ghost" else chosen
 
 
 # Fastest correct engine per model, measured by `make bench` on CPU (torch 2.14.1, Opacus 1.6.0,
@@ -73,6 +80,10 @@ def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch
     Opacus's accountant is given the same q (checked), since ε depends on it. Layers
     whose per-example gradients are not proven right under the engine are refused.
     """
+    laplace = plan.mechanism == "laplace"
+    if laplace and (world_size > 1 or grad_sample_mode == "ghost"):
+        raise ConfigError(f"privacy.mechanism=laplace runs on one process with per-example gradients; got "
+                          f"{world_size} processes, grad_sample_mode={grad_sample_mode!r}")
     grad_sample.install()  # idempotent: our samplers in Opacus's registries
     grad_sample.check_per_example_support(module, grad_sample_mode)
     if plan.poisson_sampling:
@@ -85,7 +96,9 @@ def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch
                                        generator=sampler_generator)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        engine = PrivacyEngine(accountant=plan.accountant)
+        engine = PrivacyEngine(accountant="prv" if laplace else plan.accountant)
+        if laplace:  # before make_private, which hooks the engine's accountant to the optimizer's steps
+            engine.accountant = LaplacePLDAccountant(prior_releases=plan.prior_releases)
         # poisson_sampling=False: Opacus keeps our loader (its own samplers are wrong, see
         # dp_sweeps.privacy.sampling); it reads q = 1 / len(loader) for the accountant.
         wrapped = engine.make_private(
@@ -96,13 +109,16 @@ def make_private(*, plan: PrivacyPlan, module: torch.nn.Module, optimizer: torch
         module, optimizer, criterion, loader = wrapped
     else:
         module, optimizer, loader = wrapped
+    if laplace:
+        optimizer = use_laplace_mechanism(optimizer)
     if plan.poisson_sampling and hasattr(module, "forbid_grad_accumulation"):
         module.forbid_grad_accumulation()  # what Opacus does for its own Poisson loader
     # Same values, less work (dp_sweeps.grad_sample); not for the
     # benchmark's baseline, Opacus as shipped.
     if grad_sample_mode == "hooks" and not grad_sample.stock_opacus_active():
         grad_sample.skip_summed_gradients(module)
-        bookkeeping.enable_bookkeeping(module, optimizer)
+        if not laplace:  # book-keeping computes L2 norms from factors: L1 needs the gradients
+            bookkeeping.enable_bookkeeping(module, optimizer)
     # Releases made before training are the first entries of the run's privacy ledger.
     engine.accountant.history = [*map(tuple, plan.prior_releases)]
     sample_rate = 1.0 / len(loader)

@@ -1,5 +1,6 @@
 """The mechanism's secret randomness: where the DP-SGD noise, the Poisson sampling
-coins, the DP data-normalisation noise and the classical mechanisms' noise come from.
+coins, the DP data-normalisation noise, the classical mechanisms' noise, and a private
+search's number of trials and score noise come from.
 
 Guarantee: every DP proof assumes the attacker does not know these random draws. An
 attacker who can regenerate the noise and the batches subtracts them from the released
@@ -33,8 +34,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-# The streams of the mechanism; each gets its own generator.
-STREAMS = ("noise", "sampler", "data_norm", "classical")
+# The streams of the mechanism; each gets its own generator. A private search draws its
+# number of trials from "trial_count", its trials' hyperparameters from "trial_params" and
+# its validation scores' noise from "score" (dp_sweeps.privacy.tuning, .noisy_score).
+STREAMS = ("noise", "sampler", "data_norm", "classical", "trial_count", "trial_params", "score")
 
 
 def stream_seed(stream: str, *, noise_seed: Optional[int], rank: int = 0) -> int:

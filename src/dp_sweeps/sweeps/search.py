@@ -26,6 +26,13 @@ space syntax and changes only the loop:
   its first suggestions.
 - A trial whose run failed, diverged or returned a non-finite value is told ``FAIL``
   (with the run's status and error as user attributes) and the search goes on.
+- ``hydra.sweeper.pruner`` (``median``, ``hyperband``, or ``{_target_: optuna.pruners.X}``)
+  lets each trial report its per-epoch validation metric and stop early
+  (:mod:`dp_sweeps.sweeps.pruning`); a trial that stopped so is told ``PRUNED``. Refused
+  for two objectives.
+- ``search.batch_scale`` k > 1 (reduced-batch search, :mod:`dp_sweeps.sweeps.reduced_batch`):
+  trials run at B/k with σ/k; once the study is complete the best hyperparameters are
+  trained once at full scale into ``trial_full_scale/``.
 - Each trial runs with the overrides ``search.study=<name> search.trial=<number>``, so its
   folder (``hydra.sweep.subdir``) and its ``.hydra/overrides.yaml`` name it; the trial
   records its ``run_dir`` in turn. :mod:`dp_sweeps.analysis.report` joins the two.
@@ -61,6 +68,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dp_sweeps.errors import ConfigError
 from dp_sweeps.extras import MissingExtraError, extra, missing_extra_message
+from dp_sweeps.sweeps.pruning import PRUNED, build_pruner, check_pruning
+from dp_sweeps.sweeps.reduced_batch import FULL_SCALE_TRIAL, batch_scale
 from dp_sweeps.sweeps.storage_urls import journal_path
 from dp_sweeps.training.results import RESULT_FILE
 from dp_sweeps.validation import check_tuning_metric
@@ -334,7 +343,9 @@ class _Heartbeat:
 
 
 def _run_record(ret: Any) -> dict[str, Any]:
-    """The trial's run folder and what its result.json says (status, error, epsilon_valid)."""
+    """The trial's run folder and what its result.json says: status, error, the ε spent and
+    whether it is valid, the mechanism (σ, q, C, δ, accountant), the test accuracy. Shown
+    as the trial's user attributes, e.g. by optuna-dashboard (docs/logging.md)."""
     try:
         run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
     except Exception:
@@ -344,7 +355,8 @@ def _run_record(ret: Any) -> dict[str, Any]:
         result = OmegaConf.to_container(OmegaConf.load(run_dir / RESULT_FILE))
     except Exception:
         return record
-    for key in ("status", "error", "epsilon_valid", "test_accuracy"):
+    for key in ("status", "error", "epsilon", "epsilon_valid", "mechanism", "noise_multiplier", "sample_rate",
+                "max_grad_norm", "delta", "accountant", "batch_scale", "epochs_completed", "test_accuracy"):
         if result.get(key) is not None:
             record[key] = str(result[key])[:500] if key == "error" else result[key]
     return record
@@ -354,6 +366,7 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
     def __init__(self, sampler_config: DictConfig | None, *args: Any, **kwargs: Any) -> None:
         super().__init__(None, *args, **kwargs)
         self.sampler_config = sampler_config
+        self.pruner_config: Any | None = None  # hydra.sweeper.pruner
 
     def _make_sampler(self, *, search_space: dict) -> optuna.samplers.BaseSampler | None:
         """The configured sampler; a seeded one becomes a :class:`WorkerSeededSampler`, so
@@ -388,11 +401,16 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         for name in fixed_params:
             search_space.pop(name, None)
         directions = self._get_directions()
+        check_pruning(pruner=self.pruner_config, directions=directions, storage=self.storage,
+                      optimized_metric=self.config.get("optimized_metric"),
+                      val_size=self.config.data.get("val_size") if "data" in self.config else None)
         with ask_lock(self.storage):  # processes starting together would race to create the tables
             study = open_study(storage=storage_for(self.storage), study_name=self.study_name, directions=directions)
         existing = len(study.get_trials(deepcopy=False))
         self.sampler = self._make_sampler(search_space=search_space) or study.sampler
         study.sampler = self.sampler
+        if self.pruner_config is not None:  # the trials' jobs build the same pruner (dp_sweeps.sweeps.pruning)
+            study.pruner = build_pruner(self.pruner_config)
         self._name_metrics(study, len(directions))
         if existing:
             self._warn_on_changed_settings(study, fixed_params)
@@ -439,6 +457,8 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
                 state, values, reason = (trial_outcome(value, n_objectives=len(directions))
                                          if not isinstance(value, BaseException)
                                          else (TrialState.FAIL, None, f"{type(value).__name__}: {value}"))
+                if record.get("status") == PRUNED:  # stopped by the pruner: Optuna keeps its last report
+                    state, values, reason = TrialState.PRUNED, None, None
                 for key, item in {**record, **({"fail_reason": reason[:500]} if reason else {})}.items():
                     trial.set_user_attr(key, item)
                 if state == TrialState.FAIL:
@@ -452,7 +472,35 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
                 raise RuntimeError(f"{crashes} of {len(trials)} trial(s) crashed, more than "
                                    f"hydra.sweeper.max_failure_rate={self.max_failure_rate}")
         log.info("This process ran %d trial(s); the study has %d", launched, len(study.trials))
-        self._save_results(study, len(directions))
+        full_scale = self._run_full_scale(study, fixed_params, fixed_overrides, n_objectives=len(directions))
+        self._save_results(study, len(directions), full_scale=full_scale)
+
+    def _run_full_scale(self, study: optuna.Study, fixed_params: dict[str, Any], fixed_overrides: list[str], *,
+                        n_objectives: int) -> dict[str, Any] | None:
+        """A reduced-batch search (``search.batch_scale`` > 1) whose budget is spent trains its
+        best hyperparameters once at full scale (``search.batch_scale=1``) into
+        ``trial_full_scale/``; a finished one is not run again. Returns its record."""
+        if batch_scale(self.config) == 1 or n_objectives != 1:
+            return None
+        if counted_trials(study) < self.n_trials or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return None  # other workers' trials still running, or nothing to scale up
+        run_dir = Path(str(self.config.hydra.sweep.dir)) / f"trial_{FULL_SCALE_TRIAL}"
+        result_path = run_dir / RESULT_FILE
+        if not (result_path.is_file() and OmegaConf.load(result_path).get("status") == "completed"):
+            best = study.best_trial
+            params = {**best.params, **fixed_params}
+            overrides = (tuple(f"{name}={value}" for name, value in params.items()) + tuple(fixed_overrides)
+                         + (f"search.study={study.study_name}", f"search.trial={FULL_SCALE_TRIAL}",
+                            "search.batch_scale=1"))
+            log.info("reduced-batch search: training the best trial %d's hyperparameters at full scale", best.number)
+            self.launcher.launch([overrides], initial_job_idx=self.job_idx)
+            self.job_idx += 1
+        if not result_path.is_file():
+            return {"run_dir": str(run_dir.resolve()), "status": "no_result"}
+        result = OmegaConf.to_container(OmegaConf.load(result_path))
+        return {"run_dir": str(run_dir.resolve()), "best_trial": study.best_trial.number,
+                **{key: result.get(key) for key in ("status", "val_accuracy", "test_accuracy", "epsilon",
+                                                    "batch_size", "epochs", "noise_multiplier")}}
 
     def _name_metrics(self, study: optuna.Study, n_objectives: int) -> None:
         metric = self.config.get("optimized_metric")
@@ -472,11 +520,12 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
                         "are then not comparable; pick a new hydra.sweeper.study_name unless intended",
                         study.study_name, {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
 
-    def _save_results(self, study: optuna.Study, n_objectives: int) -> None:
+    def _save_results(self, study: optuna.Study, n_objectives: int, *, full_scale: dict | None = None) -> None:
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name,
                                    "storage": str(self.storage), "n_trials": len(study.trials),
                                    "n_complete": len(completed),
+                                   "n_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
                                    "note": "each trial's epsilon is its own run's; the search's cost is not included"}
         if not completed:
             log.warning("no trial of study %r completed", study.study_name)
@@ -488,6 +537,10 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
             summary["solutions"] = [{"trial": t.number, "params": t.params, "values": t.values}
                                     for t in study.best_trials]
             log.info("Pareto set: %d trial(s)", len(summary["solutions"]))
+        if full_scale is not None:  # reduced-batch search: the best trial trained at full scale
+            summary["full_scale_run"] = full_scale
+            summary["note"] += ("; trials ran at search.batch_scale, their epsilon is not the full-scale run's "
+                                "(compute saving, not a privacy one)")
         path = Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(summary), path)
@@ -499,10 +552,11 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
     def __init__(self, sampler: Any, direction: Any, storage: Any | None, study_name: str | None, n_trials: int,
                  n_jobs: int, max_failure_rate: float, custom_search_space: str | None,
-                 params: DictConfig | None) -> None:
+                 params: DictConfig | None, pruner: Any | None = None) -> None:
         # The sampler is built in sweep(), once the study size (its seed offset) is known.
         self.sweeper = _ResumableSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs,
                                              max_failure_rate, custom_search_space, params)
+        self.sweeper.pruner_config = pruner
 
 
 class RegisterSweeper(Callback):

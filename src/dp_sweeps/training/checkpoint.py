@@ -28,7 +28,7 @@ from dp_sweeps.errors import ConfigError
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.pt"
 # What must match between a checkpoint and the config that resumes it.
-PRIVACY_KEYS = ("model", "private", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant",
+PRIVACY_KEYS = ("model", "private", "mechanism", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant",
                 "delta", "batch_size", "poisson_sampling", "num_train", "seed", "prior_releases")
 
 

@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,9 @@ from dp_sweeps.privacy.sampling import shuffled_index_loader
 from dp_sweeps.training import checkpoint as ckpt
 from dp_sweeps.training import distributed
 from dp_sweeps.training.ema import averaged_model
+from dp_sweeps.training.estimate import RunClock, estimate_message, faster_ways_hint, format_duration
 from dp_sweeps.training.evaluate import evaluate
+from dp_sweeps.training.precision import autocast, per_example_math_in_fp32
 from dp_sweeps.training.results import NON_PRIVATE, MetricsLog
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,27 @@ class LoopSettings:
     checkpoint_every: int
     resume: bool
     channels_last: bool
+    precision: str = "fp32"  # fp32 | bf16 (dp_sweeps.training.precision)
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
+class StopTraining(Exception):
+    """Raised by an epoch callback (``fit(epoch_callbacks=...)``) to end training cleanly
+    after the current epoch, with ``status`` as the run's status (e.g. ``"pruned"`` by an
+    Optuna pruner, :mod:`dp_sweeps.sweeps.pruning`). The epochs already trained stand: ε
+    is the accountant's for the steps taken."""
+
+    def __init__(self, status: str, reason: str = "") -> None:
+        super().__init__(reason or status)
+        self.status = status
+
+
 @dataclass
 class TrainingOutcome:
-    status: str  # "completed" or "diverged"
+    status: str  # "completed", "diverged", or a StopTraining status such as "pruned"
     history: list[dict] = field(default_factory=list)
     steps: int = 0
     samples_seen: int = 0
@@ -181,6 +195,10 @@ def _wrap(*, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.M
             plan=plan, module=model, optimizer=optimizer, criterion=criterion, num_samples=data.num_train,
             grad_sample_mode=settings.grad_sample_mode, noise_generator=generators["noise"],
             sampler_generator=generators["sampler"], rank=rank, world_size=world)
+        if settings.precision != "fp32" and not per_example_math_in_fp32(model):
+            raise ConfigError(f"trainer.precision={settings.precision} needs Opacus's hooks for per-example "
+                              f"gradients in fp32: use privacy.grad_sample_mode hooks, functorch or ghost, "
+                              f"not {settings.grad_sample_mode!r}")
     else:
         loader = shuffled_index_loader(num_samples=data.num_train, batch_size=settings.batch_size,
                                        generator=generators["order"])
@@ -235,8 +253,11 @@ def _forward_backward(run: _Wrapped, x: torch.Tensor, y: torch.Tensor, *, weight
         for p in run.optimizer.params:
             p.grad_sample = p.new_zeros((0, *p.shape))
         return None
-    logits = run.model(x)
-    loss = run.criterion(logits, y)
+    # Autocast around the forward only: the backward follows its dtypes (bf16 where the
+    # forward ran in bf16) and the hooks hand the per-example math fp32 tensors.
+    with autocast(settings.precision, x.device):
+        logits = run.model(x)
+        loss = run.criterion(logits, y)
     (loss * weight).backward()
     if settings.augmult > 1 and private:
         average_augmented_copies(run.model, settings.augmult)
@@ -244,9 +265,10 @@ def _forward_backward(run: _Wrapped, x: torch.Tensor, y: torch.Tensor, *, weight
 
 
 def _train_epoch(run: _Wrapped, *, epoch: int, data: ImageData, plan: PrivacyPlan, settings: LoopSettings,
-                 device: torch.device, outcome: TrainingOutcome) -> tuple[dict, bool]:
+                 device: torch.device, outcome: TrainingOutcome, clock: RunClock) -> tuple[dict, bool]:
     """One pass of ``plan.steps_per_epoch`` logical steps. Returns the epoch's non-private
-    statistics (empty unless ``settings.non_private_stats``) and whether it diverged."""
+    statistics (empty unless ``settings.non_private_stats``) and whether it diverged.
+    ``clock`` times the steps: the whole run's estimate is logged after the first few."""
     copies = settings.augmult
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch}/{settings.epochs}", leave=False,
@@ -260,7 +282,7 @@ def _train_epoch(run: _Wrapped, *, epoch: int, data: ImageData, plan: PrivacyPla
         if copies > 1:
             x, y = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
         if settings.augment:
-            x = random_crop_flip(x, generator=run.generators["augment"])
+            x = random_crop_flip(x, generator=run.generators["augment"], flip=data.facts.hflip_preserves_label)
         output = _forward_backward(run, x.contiguous(memory_format=settings.memory_format), y, weight=weight,
                                    private=plan.private, settings=settings)
         if output is not None and len(y) > 0:  # an empty batch's loss is nan by definition, not divergence
@@ -281,6 +303,12 @@ def _train_epoch(run: _Wrapped, *, epoch: int, data: ImageData, plan: PrivacyPla
         outcome.steps += 1
         if run.ema is not None:
             run.ema.update_parameters(_unwrapped(run.model))
+        clock.step_done()
+        if clock.wants_estimate():
+            _log_run_estimate(run, clock=clock, data=data, settings=settings, device=device)
+        if settings.progress:  # before update(), which draws the bar with it
+            bar.set_postfix_str(f"run ETA {format_duration(clock.remaining_seconds(steps_into_epoch=bar.n + 1))}",
+                                refresh=False)
         bar.update(1)
     bar.close()
     outcome.samples_seen += seen // copies
@@ -289,6 +317,54 @@ def _train_epoch(run: _Wrapped, *, epoch: int, data: ImageData, plan: PrivacyPla
         stats = {f"{NON_PRIVATE}_train_loss": loss_sum / seen if seen else math.nan,
                  f"{NON_PRIVATE}_train_accuracy": correct / seen if seen else math.nan}
     return stats, diverged
+
+
+def _evaluate_splits(run: _Wrapped, *, data: ImageData, settings: LoopSettings, limit: Optional[int] = None) -> dict:
+    """Loss and accuracy on the validation and test sets (the first ``limit`` images of
+    each when given), under the run's precision."""
+    row = {}
+    with autocast(settings.precision, data.train_x.device):
+        for split in ("val", "test"):
+            x, y, mirror = (getattr(data, f"{split}_x"), getattr(data, f"{split}_y"),
+                            getattr(data, f"{split}_x_mirror"))
+            if limit is not None:
+                x, y, mirror = x[:limit], y[:limit], (None if mirror is None else mirror[:limit])
+            row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
+                run.eval_model, x, y, batch_size=settings.eval_batch_size, memory_format=settings.memory_format,
+                criterion=run.eval_criterion, x_mirror=mirror)
+    return row
+
+
+def _eval_images_per_epoch(data: ImageData) -> int:
+    return sum(len(getattr(data, f"{split}_y")) * (1 if getattr(data, f"{split}_x_mirror") is None else 2)
+               for split in ("val", "test"))
+
+
+def _log_run_estimate(run: _Wrapped, *, clock: RunClock, data: ImageData, settings: LoopSettings,
+                      device: torch.device) -> None:
+    """Log the whole run's estimated time, with evaluation timed on one small batch of
+    the held-out images (post-processing: no privacy cost), and on a machine without
+    CUDA a hint when it is over an hour."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the timed steps' queued work
+    per_step = clock.seconds_per_step()  # before the probe below adds its own time
+    probe = min(settings.eval_batch_size, 256)
+    started = time.perf_counter()
+    _evaluate_splits(run, data=data, settings=settings, limit=probe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    probe_seconds = time.perf_counter() - started
+    clock.exclude(probe_seconds)  # not a training step's time
+    probed_images = sum(min(len(getattr(data, f"{split}_y")), probe)
+                        * (1 if getattr(data, f"{split}_x_mirror") is None else 2) for split in ("val", "test"))
+    eval_per_image = probe_seconds / probed_images if probed_images else 0.0
+    estimate = clock.estimate(eval_seconds_per_image=eval_per_image, seconds_per_step=per_step)
+    if not distributed.is_main_process():
+        return
+    log.info("%s", estimate_message(estimate))
+    hint = faster_ways_hint(estimate, cuda_available=torch.cuda.is_available())
+    if hint is not None:
+        log.warning("%s", hint)
 
 
 def _save(run: _Wrapped, *, run_dir, epoch: int, identity: Mapping[str, Any], outcome: TrainingOutcome) -> None:
@@ -309,8 +385,12 @@ def _save(run: _Wrapped, *, run_dir, epoch: int, identity: Mapping[str, Any], ou
 def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, plan: PrivacyPlan,
         settings: LoopSettings, device: torch.device, criterion: Optional[nn.Module] = None,
         metrics: Optional[MetricsLog] = None, run_dir: Optional[str | os.PathLike] = None,
-        run_identity: Optional[Mapping[str, Any]] = None) -> TrainingOutcome:
+        run_identity: Optional[Mapping[str, Any]] = None,
+        epoch_callbacks: Sequence[Callable[[dict], None]] = ()) -> TrainingOutcome:
     """Train ``model`` for ``settings.epochs`` and evaluate after each epoch.
+
+    ``epoch_callbacks``: each is called with the epoch's metrics row once it is written;
+    one that raises :class:`StopTraining` ends the run there with that status.
 
     With ``plan.private`` the run is DP-SGD as :mod:`dp_sweeps.privacy` states; ε after
     each epoch is the accountant's, for the steps actually taken. A non-finite output
@@ -331,34 +411,45 @@ def fit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageData, 
     outcome = TrainingOutcome(status="completed")
     identity = dict(run_identity or {})
     start = _restore(run, run_dir=run_dir, settings=settings, identity=identity, metrics=metrics, outcome=outcome)
+    clock = RunClock(steps_per_epoch=plan.steps_per_epoch, epochs_left=settings.epochs - start + 1,
+                     eval_images_per_epoch=_eval_images_per_epoch(data))
     for epoch in range(start, settings.epochs + 1):
         epoch_start = time.perf_counter()
+        excluded_before = clock.excluded_seconds
         stats, diverged = _train_epoch(run, epoch=epoch, data=data, plan=plan, settings=settings, device=device,
-                                       outcome=outcome)
+                                       outcome=outcome, clock=clock)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # count the last step's queued GPU work
-        outcome.train_seconds += time.perf_counter() - epoch_start
+        # Training time only: the estimate's evaluation probe is left out.
+        epoch_train_seconds = time.perf_counter() - epoch_start - (clock.excluded_seconds - excluded_before)
+        outcome.train_seconds += epoch_train_seconds
+        eval_start = time.perf_counter()  # the epoch's work after training: accounting and evaluation
         if run.engine is not None:
             # DP-SGD's steps: the ledger less the releases made before training (its first entries).
             outcome.steps = (sum(n for _, _, n in run.engine.accountant.history)
                              - sum(n for _, _, n in plan.prior_releases))
             outcome.epsilon = float(run.engine.get_epsilon(plan.delta))
         row = {"epoch": epoch, "step": outcome.steps, "epsilon": outcome.epsilon, **stats}
-        for split in ("val", "test"):
-            row[f"{split}_loss"], row[f"{split}_accuracy"] = evaluate(
-                run.eval_model, getattr(data, f"{split}_x"), getattr(data, f"{split}_y"),
-                batch_size=settings.eval_batch_size, memory_format=settings.memory_format, criterion=run.eval_criterion,
-                x_mirror=getattr(data, f"{split}_x_mirror"))
+        row.update(_evaluate_splits(run, data=data, settings=settings))
         row["seconds"] = time.perf_counter() - epoch_start
+        clock.epoch_done(train_seconds=epoch_train_seconds, eval_seconds=time.perf_counter() - eval_start)
         outcome.history.append(row)
         if metrics is not None and distributed.rank() == 0:
             metrics.write(row)
-        log.info("epoch %d/%d: val_accuracy=%.4f test_accuracy=%.4f epsilon=%s", epoch, settings.epochs,
-                 row["val_accuracy"], row["test_accuracy"],
-                 "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}")
+        log.info("epoch %d/%d: val_accuracy=%.4f test_accuracy=%.4f epsilon=%s; rest of the run: about %s",
+                 epoch, settings.epochs, row["val_accuracy"], row["test_accuracy"],
+                 "n/a" if outcome.epsilon is None else f"{outcome.epsilon:.3f}",
+                 format_duration(clock.remaining_seconds()))
         if diverged:
             outcome.status = "diverged"
             log.warning("non-finite loss in epoch %d: the run diverged", epoch)
+            break
+        try:
+            for callback in epoch_callbacks:
+                callback(dict(row))
+        except StopTraining as stop:
+            outcome.status = stop.status
+            log.info("training stopped after epoch %d: %s", epoch, stop)
             break
         if run_dir is not None and settings.checkpoint_every and (
                 epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):

@@ -27,18 +27,23 @@ def non_private_stats_enabled(setting, *, private: bool) -> bool:
     """``trainer.non_private_stats``: null means off under DP and on without it."""
     return (not private) if setting is None else bool(setting)
 
-# Statuses a result.json can carry. Only "completed" is a finished, reportable run.
-STATUSES = ("completed", "diverged", "planned", "failed")
+# Statuses a result.json can carry. Only "completed" is a finished, reportable run;
+# "pruned": a search trial stopped early by the study's pruner (dp_sweeps.sweeps.pruning).
+STATUSES = ("completed", "diverged", "planned", "failed", "pruned")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` as result.json holds it: NaN becomes null, ±inf the strings "inf"/"-inf"."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else str(value)
     if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
+
+
+_json_safe = json_safe
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
