@@ -131,16 +131,12 @@ def test_gdp_never_calibrates_nor_reports(tiny_cfg, tmp_path):
     assert checks["prv"] == pytest.approx(epsilon_for(noise_multiplier=0.8, sample_rate=0.1, steps=50, delta=1e-5))
 
 
-def test_the_feature_cache_key_is_not_logged(tmp_path, caplog, monkeypatch):
+def test_the_feature_cache_key_is_not_logged(tmp_path, caplog):
     """The cache file's name hashes the exact private inputs: it stays out of the logs."""
-    from dp_sweeps.data import features
     from dp_sweeps.data.features import compute_features
 
-    # An in-process Hydra run earlier in the same worker may have reconfigured logging.
-    monkeypatch.setattr(features.log, "disabled", False)
-    monkeypatch.setattr(features.log, "propagate", True)
     x = torch.rand(4, 3, 32, 32)
-    with caplog.at_level(logging.DEBUG):
+    with caplog.at_level(logging.DEBUG, logger="dp_sweeps.data.features"):
         compute_features("pixels", x, {"size": 8}, cache_dir=tmp_path)
         compute_features("pixels", x, {"size": 8}, cache_dir=tmp_path)  # read back from the cache
     (cached,) = tmp_path.glob("pixels-*.pt")

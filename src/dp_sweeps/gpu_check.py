@@ -485,7 +485,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    """Run the check; the logging level and thread count it sets are restored on return
+    (it also runs in-process, from tests)."""
+    quiet, threads = logging.getLogger("dp_sweeps"), torch.get_num_threads()
+    level = quiet.level
+    try:
+        return _check(parse_args(argv), argv)
+    finally:
+        quiet.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+def _check(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     started = time.perf_counter()
     plan = check_plan(smoke=args.smoke, models=args.models, epoch_models=args.epoch_models, budget_s=args.budget_s)
     deadline = started + plan.budget_s
