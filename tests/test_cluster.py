@@ -16,19 +16,8 @@ from omegaconf import OmegaConf
 
 from dp_sweeps.sweeps import launcher as dp_launcher
 from dp_sweeps.training.results import read_result
+from tests.helpers.processes import pid_holding_open
 from tests.helpers.runs import compose_config, run_main, tiny_sweep_overrides
-
-
-def _pid_holding_open(path: Path) -> int | None:
-    """The process that has ``path`` open (Linux /proc): here, the job writing metrics.csv."""
-    target = str(path.resolve())
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
-                return int(fd_dir.parent.name)
-        except OSError:  # gone, or not ours
-            continue
-    return None
 
 
 @pytest.mark.slow
@@ -50,7 +39,7 @@ def test_local_launcher_sweep_with_a_preempted_job_that_resumes(tiny_cifar, tmp_
             if sweep_over.wait(0.02):
                 return
         preempted["job_dir"] = job_dir = found[0].parents[1]
-        preempted["pid"] = pid = _pid_holding_open(job_dir / "metrics.csv")
+        preempted["pid"] = pid = pid_holding_open(job_dir / "metrics.csv")
         if pid is not None:
             os.kill(pid, signal.SIGUSR2)
 

@@ -15,6 +15,7 @@ import pytest
 
 from dp_sweeps.sweeps.outcome import all_failed_message, results_written_since
 from dp_sweeps.training.results import read_result, write_result
+from tests.helpers.processes import pid_holding_open
 from tests.helpers.runs import cli_in_process, run_main, tiny_sweep_overrides
 
 
@@ -47,17 +48,6 @@ def test_a_sweep_in_which_every_job_failed_exits_non_zero_with_the_first_error(t
     assert sorted(read_result(p.parent)["status"] for p in out.rglob("result.json")) == ["failed", "failed"]
 
 
-def _pid_holding_open(path: Path) -> int | None:
-    target = str(path.resolve())
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
-                return int(fd_dir.parent.name)
-        except OSError:
-            continue
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the job's process through /proc")
 def test_a_killed_local_job_is_recorded_and_the_other_finishes(tiny_cifar, tmp_path, monkeypatch, capsys):
@@ -74,7 +64,7 @@ def test_a_killed_local_job_is_recorded_and_the_other_finishes(tiny_cifar, tmp_p
         while not (found := list(out.glob("multiruns/*/*/1/metrics.csv"))):
             if done.wait(0.02):
                 return
-        while (pid := _pid_holding_open(found[0])) is None:
+        while (pid := pid_holding_open(found[0])) is None:
             if done.wait(0.02):
                 return
         killed["pid"] = pid
